@@ -1,0 +1,31 @@
+"""Command-line entry point: ``marlin COMMAND``. Each command only parses options and calls one function."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from marlin_cli import __version__
+from marlin_cli.errors import MarlinError
+
+
+class _Group(click.Group):
+    """Turns :class:`MarlinError` into a one-line message and exit code 2 instead of a stack trace."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D401
+        try:
+            return super().invoke(ctx)
+        except MarlinError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="marlin")
+def main() -> None:
+    """GPTQ 4-bit quantization to the Marlin kernel format, and honest perplexity evaluation."""
+
+
+if __name__ == "__main__":
+    main()

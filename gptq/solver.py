@@ -106,9 +106,9 @@ def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.
     h64 = h.to(torch.float64)
     for attempt in range(retries + 1):
         frac = damp * (10**attempt)
-        l, info = torch.linalg.cholesky_ex(h64 + frac * mean_diag * eye)
+        chol, info = torch.linalg.cholesky_ex(h64 + frac * mean_diag * eye)
         if info.item() == 0:
-            hinv = torch.cholesky_inverse(l)
+            hinv = torch.cholesky_inverse(chol)
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if info.item() == 0:
                 return u.to(torch.float32), frac, attempt

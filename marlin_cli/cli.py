@@ -27,5 +27,10 @@ def main() -> None:
     """GPTQ 4-bit quantization to the Marlin kernel format, and honest perplexity evaluation."""
 
 
+from marlin_cli.cli_quantize import pack_command, quantize_command  # noqa: E402
+
+main.add_command(quantize_command)
+main.add_command(pack_command)
+
 if __name__ == "__main__":
     main()

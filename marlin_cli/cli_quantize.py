@@ -1,0 +1,67 @@
+"""``marlin quantize`` and ``marlin pack``: option parsing only; the work is in quantize.py and pack.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+GROUP_SIZES = click.Choice(["32", "64", "128", "-1"])
+
+
+@click.command("quantize")
+@click.argument("model")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to create.")
+@click.option("--dataset", default=None,
+              help="Calibration data: wikitext2, redpajama, c4 (hub), pydocs, botchan (built-in), or a local "
+                   ".txt/.jsonl/.json/.parquet file. Default: pydocs for the built-in model, else redpajama.")
+@click.option("--nsamples", type=int, default=None, help="Calibration samples (default 64 built-in, else 256).")
+@click.option("--seqlen", type=int, default=None, help="Max tokens per sample (default 512 built-in, else 4096).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for shuffling and window sampling.")
+@click.option("--group-size", type=GROUP_SIZES, default="128", show_default=True,
+              help="Input features per scale; -1 = one scale per output channel.")
+@click.option("--damp", type=float, default=0.1, show_default=True, help="Hessian damping, fraction of mean(diag H).")
+@click.option("--no-clip", is_flag=True, help="Disable group grid clipping (plain GPTQ scales from max|w|).")
+@click.option("--nearest", is_flag=True, help="Round-to-nearest baseline instead of GPTQ.")
+@click.option("--true-sequential", is_flag=True,
+              help="Quantize q/k/v, then o, then gate/up, then down, each on the outputs of the quantized ones.")
+@click.option("--skip-gq", is_flag=True, help="Keep k_proj/v_proj in fp16 for grouped-query-attention models.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar or per-layer table.")
+def quantize_command(model: str, out: Path, dataset: str | None, nsamples: int | None, seqlen: int | None,
+                     seed: int, group_size: str, damp: float, no_clip: bool, nearest: bool,
+                     true_sequential: bool, skip_gq: bool, device: str, force: bool, quiet: bool) -> None:
+    """Quantize MODEL (a local Hugging Face folder, a hub id, or `smollm2-135m`) to a Marlin checkpoint."""
+    from marlin_cli.models import arch_spec
+    from marlin_cli.quantize import QuantizeOptions, format_report, quantize
+
+    opts = QuantizeOptions(model=model, out=out, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           group_size=int(group_size), damp=damp, clip=not no_clip, nearest=nearest,
+                           true_sequential=true_sequential, skip_gq=skip_gq, device=device, force=force)
+    result = quantize(opts, progress=not quiet)
+    rec = result.record
+    if not quiet:
+        spec_linears = arch_spec(json.loads((result.out_dir / "config.json").read_text())["model_type"]).linears
+        click.echo(format_report(result.reports, spec_linears))
+    click.echo(f"\nwrote {result.out_dir}  ({result.checkpoint_mb:.1f} MB, {len(rec['layers'])} linears, "
+               f"{rec['method']} g{rec['group_size']}, calibration {rec['nsamples']} x <= {rec['seqlen']} tokens "
+               f"of {rec['dataset']})")
+    click.echo(f"quantization {rec['quantize_seconds']:.1f} s, total {result.seconds:.1f} s, "
+               f"peak memory {result.peak_rss_mb:.0f} MB")
+
+
+@click.command("pack")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--scales", "scales", type=click.Path(path_type=Path), required=True,
+              help="safetensors file with '<linear name>.scales' [out_features, groups] per quantized linear.")
+@click.option("--group-size", type=GROUP_SIZES, required=True, help="Input features per scale; -1 per channel.")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to create.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def pack_command(model: Path, scales: Path, group_size: str, out: Path, force: bool) -> None:
+    """Pack a fake-quantized fp16 MODEL (weights already on a symmetric 4-bit grid) into a Marlin checkpoint."""
+    from marlin_cli.pack import pack_fake_quantized
+
+    out_dir, count = pack_fake_quantized(model, scales, int(group_size), out, force=force)
+    click.echo(f"wrote {out_dir} ({count} linears packed, g{group_size})")

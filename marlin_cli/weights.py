@@ -1,0 +1,67 @@
+"""Tensor-at-a-time access to a folder of safetensors shards, so a model is never held whole in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+
+from marlin_cli.errors import MarlinError
+
+
+class WeightStore:
+    """Index of tensor name -> shard file for a Hugging Face model folder; tensors are read lazily (mmap)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.model_dir / f for name, f in weight_map.items()}
+        else:
+            shards = sorted(self.model_dir.glob("*.safetensors"))
+            if not shards:
+                raise MarlinError(f"{self.model_dir} has no .safetensors weights; convert the model to "
+                                  "safetensors (transformers' save_pretrained does) and try again")
+            self.files = {}
+            for shard in shards:
+                with safe_open(shard, framework="pt") as f:
+                    self.files.update({name: shard for name in f.keys()})  # noqa: SIM118 - safe_open has no iterator
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def names(self) -> list[str]:
+        """Every tensor name in the folder."""
+        return list(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (CPU, stored dtype)."""
+        if name not in self.files:
+            raise MarlinError(f"tensor '{name}' is missing from {self.model_dir}; the checkpoint is incomplete")
+        with safe_open(self.files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def total_bytes(self) -> int:
+        """Size on disk of all shard files."""
+        return sum(p.stat().st_size for p in set(self.files.values()))
+
+    def materialize(self, root: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype | None) -> None:
+        """Load every parameter and buffer of ``root.<prefix>`` that the folder holds, replacing meta tensors.
+
+        Floating tensors are cast to ``dtype`` (when given); integer tensors keep their dtype.
+        """
+        module = root.get_submodule(prefix) if prefix else root
+        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        for name in names:
+            full = f"{prefix}.{name}" if prefix else name
+            if full not in self.files:
+                continue
+            value = self.get(full)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            set_module_tensor_to_device(module, name, device, value=value)

@@ -91,7 +91,10 @@ def rebuild_rotary(model, spec: ArchSpec, device: str = "cpu") -> None:  # noqa:
     parent_name, _, child = spec.rotary.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, child)
-    setattr(parent, child, type(old)(config=model.config, device=device))
+    import torch
+
+    with torch.device(device):  # constructor signatures differ across transformers versions; config is common
+        setattr(parent, child, type(old)(config=model.config))
 
 
 def meta_tensors(model) -> list[str]:  # noqa: ANN001

@@ -38,7 +38,9 @@ class MarlinLinear(nn.Module):
         self.group_size = group_size
         self.packed = fmt.padded_shape(in_features, out_features, group_size)
         p = self.packed
-        self.register_buffer("qweight", torch.zeros((p.k_pad // 16, 2 * p.n_pad), dtype=torch.int32, device=device))
+        # Every nibble 8 (0x88888888 as int32): a fresh layer computes exactly zero.
+        self.register_buffer("qweight", torch.full((p.k_pad // 16, 2 * p.n_pad), -0x77777778, dtype=torch.int32,
+                                                   device=device))
         self.register_buffer("scales", torch.ones((p.num_groups, p.n_pad), dtype=dtype, device=device))
         self.register_buffer("shape", torch.tensor([in_features, out_features], dtype=torch.int32, device=device))
         if bias:
@@ -46,6 +48,7 @@ class MarlinLinear(nn.Module):
         else:
             self.bias = None
         self._dense: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._dense.clear())
 
     @classmethod
     def from_codes(

@@ -32,5 +32,12 @@ from marlin_cli.cli_quantize import pack_command, quantize_command  # noqa: E402
 main.add_command(quantize_command)
 main.add_command(pack_command)
 
+from marlin_cli.cli_eval import eval_ppl_command, lm_eval_command  # noqa: E402
+from marlin_cli.cli_reproduce import reproduce_command  # noqa: E402
+
+main.add_command(eval_ppl_command)
+main.add_command(lm_eval_command)
+main.add_command(reproduce_command)
+
 if __name__ == "__main__":
     main()

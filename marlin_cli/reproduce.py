@@ -1,0 +1,252 @@
+"""``marlin reproduce``: the fp16 / RTN / GPTQ perplexity table of a config, with pass/fail checks.
+
+For each model (row): evaluate the unquantized model on every dataset, quantize it twice with the
+same settings (round-to-nearest, then GPTQ), evaluate each saved checkpoint as a user would load it,
+and record the checkpoint sizes. Then write markdown + JSON and check that GPTQ beats RTN and stays
+within the config's ratio of fp16 on every dataset.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from marlin_cli.errors import MarlinError
+from marlin_cli.evaluate import (
+    device_description,
+    measure,
+    resolve_device,
+    resolve_dtype,
+    versions,
+    write_json,
+)
+from marlin_cli.reproduce_config import VARIANTS, DatasetSpec, ReproduceConfig
+from marlin_cli.reproduce_report import render_markdown
+
+
+@dataclass(frozen=True)
+class ReproduceOptions:
+    """How to run a config.
+
+    Attributes:
+        out: folder for the checkpoints (``<out>/<model>/<variant>``), ``table.md`` and ``table.json``.
+        device: ``cpu`` / ``cuda[:N]``; ``None``: CUDA when available.
+        max_windows, max_docs: override every dataset's bound (0: no bound, all windows/documents).
+        models: names of the config's models to run (empty: all).
+        progress: progress bars per window/document and per layer.
+    """
+
+    out: Path
+    device: str | None = None
+    max_windows: int | None = None
+    max_docs: int | None = None
+    models: tuple[str, ...] = ()
+    progress: bool = True
+
+
+class ReproductionFailed(MarlinError):
+    """The table was built, but a check failed (GPTQ not better than RTN, or too far from fp16)."""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def apply_overrides(spec: DatasetSpec, options: ReproduceOptions) -> DatasetSpec:
+    """The dataset's bounds with the command-line overrides applied (0 lifts a bound)."""
+    if options.max_windows is not None:
+        spec = replace(spec, max_windows=options.max_windows or None)
+    if options.max_docs is not None:
+        spec = replace(spec, max_docs=options.max_docs or None)
+    return spec
+
+
+def checkpoint_megabytes(folder: Path) -> float:
+    """Size of the checkpoint's weight files (``*.safetensors``) in MB (10^6 bytes)."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
+
+
+def _evaluate(
+    path: str,
+    datasets: tuple[DatasetSpec, ...],
+    seed: int,
+    device: str,
+    dtype: Any,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Load ``path`` and measure every dataset (held-out documents drawn with the calibration ``seed``).
+
+    Returns:
+        ``{"identity": model identity, "datasets": {name: perplexity record}}``.
+    """
+    from marlin_cli.loading import load_model
+
+    loaded = load_model(path, device=device, dtype=dtype)
+    out: dict[str, Any] = {"identity": loaded.identity, "datasets": {}}
+    for spec in datasets:
+        result, info = measure(
+            loaded.model,
+            loaded.tokenizer,
+            spec.name,
+            spec.seqlen,
+            max_windows=spec.max_windows,
+            max_docs=spec.max_docs,
+            seed=seed,
+            progress=progress,
+        )
+        log(f"  {spec.name} ({result.protocol}): ppl {result.ppl:.3f} in {result.seconds:.0f} s")
+        out["datasets"][spec.name] = {**result.to_dict(), "seqlen": spec.seqlen, "dataset": info}
+    del loaded
+    gc.collect()
+    return out
+
+
+def _quantize(config: ReproduceConfig, model_path: str, out: Path, nearest: bool, device: str) -> dict:
+    """Quantize with the config's settings (RTN when ``nearest``) into ``out``; returns size and seconds."""
+    from marlin_cli.quantize import QuantizeOptions, quantize
+
+    cal, q = config.calibration, config.quantization
+    result = quantize(
+        QuantizeOptions(
+            model=model_path,
+            out=out,
+            dataset=cal.dataset,
+            nsamples=cal.nsamples,
+            seqlen=cal.seqlen,
+            seed=cal.seed,
+            group_size=q.group_size,
+            damp=q.damp,
+            clip=q.clip,
+            nearest=nearest,
+            true_sequential=q.true_sequential,
+            skip_gq=q.skip_gq,
+            device=device,
+            force=True,
+        )
+    )
+    folder = Path(getattr(result, "out_dir", out))
+    return {"path": str(folder), "size_mb": checkpoint_megabytes(folder), "quantize_seconds": result.seconds}
+
+
+def run_model(
+    config: ReproduceConfig,
+    model_name: str,
+    model_path: str,
+    datasets: tuple[DatasetSpec, ...],
+    options: ReproduceOptions,
+    log: Callable[[str], None] = _log,
+) -> dict[str, Any]:
+    """One row: fp16, RTN and GPTQ perplexities on every dataset plus checkpoint sizes and timings."""
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(config.dtype, device)
+    row: dict[str, Any] = {"name": model_name, "path": model_path, "variants": {}}
+    for variant in VARIANTS:
+        start = time.perf_counter()
+        entry: dict[str, Any] = {}
+        if variant == "fp16":
+            log(f"[{model_name}] fp16: evaluating {model_path}")
+            target = model_path
+        else:
+            folder = options.out / model_name / variant
+            log(f"[{model_name}] {variant}: quantizing to {folder}")
+            entry["checkpoint"] = _quantize(
+                config, model_path, folder, nearest=variant == "rtn", device=device
+            )
+            target = entry["checkpoint"]["path"]
+        entry.update(
+            _evaluate(target, datasets, config.calibration.seed, device, dtype, options.progress, log)
+        )
+        entry["seconds"] = time.perf_counter() - start
+        row["variants"][variant] = entry
+    return row
+
+
+def check_rows(config: ReproduceConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every check of the config on every (model, dataset): ``{model, dataset, check, passed, detail}``."""
+    results = []
+    bound = config.checks.max_ppl_ratio
+    for row in rows:
+        for ds in row["variants"]["fp16"]["datasets"]:
+            ppl = {v: row["variants"][v]["datasets"][ds]["ppl"] for v in VARIANTS}
+            if config.checks.gptq_beats_rtn:
+                results.append(
+                    {
+                        "model": row["name"],
+                        "dataset": ds,
+                        "check": "gptq < rtn",
+                        "passed": ppl["gptq"] < ppl["rtn"],
+                        "detail": f"GPTQ {ppl['gptq']:.3f} vs RTN {ppl['rtn']:.3f}",
+                    }
+                )
+            ratio = ppl["gptq"] / ppl["fp16"]
+            results.append(
+                {
+                    "model": row["name"],
+                    "dataset": ds,
+                    "check": f"gptq / fp16 <= {bound}",
+                    "passed": ratio <= bound,
+                    "detail": f"GPTQ {ppl['gptq']:.3f} / fp16 {ppl['fp16']:.3f} = {ratio:.3f}",
+                }
+            )
+    return results
+
+
+def reproduce(config: ReproduceConfig, options: ReproduceOptions, log: Callable[[str], None] = _log) -> dict:
+    """Build the table of ``config``, write ``table.md`` and ``table.json`` under ``options.out``.
+
+    Returns:
+        The JSON record (config, rows, checks, ``passed``, machine, versions, seconds); see
+        :func:`raise_on_failure` for turning failed checks into an error.
+    """
+    start = time.perf_counter()
+    wanted = set(options.models)
+    unknown = wanted - {m.name for m in config.models}
+    if unknown:
+        raise MarlinError(
+            f"no model named {sorted(unknown)} in {config.source_path}; it has {[m.name for m in config.models]}"
+        )
+    models = [m for m in config.models if not wanted or m.name in wanted]
+    datasets = tuple(apply_overrides(d, options) for d in config.datasets)
+    rows = []
+    for m in models:
+        row = run_model(config, m.name, m.path, datasets, options, log)
+        row["reference"] = m.reference
+        rows.append(row)
+    checks = check_rows(config, rows)
+    device = resolve_device(options.device)
+    record = {
+        "config": config.name,
+        "config_path": config.source_path,
+        "description": config.description,
+        "reference_source": config.reference_source,
+        "datasets": [vars(d) for d in datasets],
+        "calibration": vars(config.calibration),
+        "quantization": vars(config.quantization),
+        "dtype": str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
+        "device": device,
+        "device_name": device_description(device),
+        "rows": rows,
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+        "seconds": time.perf_counter() - start,
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+    }
+    options.out.mkdir(parents=True, exist_ok=True)
+    write_json(options.out / "table.json", record)
+    (options.out / "table.md").write_text(render_markdown(record) + "\n")
+    return record
+
+
+def raise_on_failure(record: dict[str, Any], where: Path) -> None:
+    """Raise :class:`ReproductionFailed` listing every failed check of ``record`` (``where``: the table)."""
+    failed = [c for c in record["checks"] if not c["passed"]]
+    if failed:
+        lines = "; ".join(f"{c['model']}/{c['dataset']}: {c['check']} failed ({c['detail']})" for c in failed)
+        raise ReproductionFailed(f"reproduction {record['config']}: {lines} (table in {where})")

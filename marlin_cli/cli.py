@@ -39,5 +39,9 @@ main.add_command(eval_ppl_command)
 main.add_command(lm_eval_command)
 main.add_command(reproduce_command)
 
+from marlin_cli.cli_assets import fetch_assets_command  # noqa: E402
+
+main.add_command(fetch_assets_command)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,60 @@
+"""Benchmark: quantization time per decoder layer and peak memory of `marlin quantize` on the built-in model.
+
+Baseline: the original Marlin GPTQ on the same 2-core CPU, same calibration budget (64 Python-doc documents
+x 512 tokens, g64, damping 0.1): 268 s with group grid clipping, 173 s without (shared/design/seed-facts.md).
+
+    python scripts/bench_quantize.py [--no-clip] [--group-size 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from marlin_cli.quantize import QuantizeOptions, quantize
+
+ORIGINAL_SECONDS = {True: 268.0, False: 173.0}  # clip -> seconds, original GPTQ on this CPU (seed-facts.md)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--no-clip", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    clip = not args.no_clip
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = quantize(QuantizeOptions(model="smollm2-135m", out=Path(tmp) / "ckpt", group_size=args.group_size,
+                                       clip=clip), progress=True)
+        wall = time.perf_counter() - t0
+    per_layer: dict[str, float] = defaultdict(float)
+    for r in res.reports:
+        per_layer[r.name.split(".self_attn")[0].split(".mlp")[0]] += r.seconds
+    solver_s = sum(per_layer.values())
+    quant_s = res.record["quantize_seconds"]
+    base = ORIGINAL_SECONDS[clip]
+    print(f"\ncpu threads: {torch.get_num_threads()}  cores: {os.cpu_count()}  torch {torch.__version__}")
+    print(f"{'what':<44}{'ours':>10}{'original':>10}{'ratio':>8}")
+    print(f"{'quantize time, s (calibration + 30 layers)':<44}{quant_s:>10.1f}{base:>10.1f}{base / quant_s:>7.2f}x")
+    print(f"{'  of which GPTQ solver, s':<44}{solver_s:>10.1f}")
+    print(f"{'  per decoder layer (mean), s':<44}{quant_s / len(per_layer):>10.2f}{base / len(per_layer):>10.2f}")
+    print(f"{'total with checkpoint write, s':<44}{wall:>10.1f}")
+    print(f"{'peak resident memory, MB':<44}{res.peak_rss_mb:>10.0f}")
+    print(f"{'checkpoint size, MB':<44}{res.checkpoint_mb:>10.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"quantize_seconds": quant_s, "solver_seconds": solver_s, "wall_seconds": wall,
+                                         "per_layer_solver_seconds": per_layer, "peak_rss_mb": res.peak_rss_mb,
+                                         "original_seconds": base, "clip": clip, "group_size": args.group_size},
+                                        indent=2))
+
+
+if __name__ == "__main__":
+    main()

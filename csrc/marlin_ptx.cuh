@@ -1,0 +1,108 @@
+// Device helpers for the Marlin kernels: per-dtype traits (mma, 4-bit dequantization) and thin wrappers
+// around the PTX instructions used (cp.async, ldmatrix). Nothing here knows the matrix layout.
+//
+// No L2 cache-policy hints (createpolicy / cp.async ... L2::cache_hint): they are an illegal instruction
+// on the benchmark H100.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace marlin {
+
+// 16-byte asynchronous global -> shared copy, bypassing L1. With pred false nothing is read and the 16
+// shared bytes are zero-filled (src must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred = true) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+
+// Close the current group of cp.async copies.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Wait until at most N committed groups of this thread are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 b16 matrices from shared memory: lane l gives the address of row (l % 8) of matrix (l / 8).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Per-dtype operations. T is the activation/scale/output element type.
+template <typename T>
+struct Traits;
+
+template <>
+struct Traits<half> {
+  using T2 = half2;
+
+  // acc[4] += A(16x16, 4 regs) * B(16x8, 2 regs) on the tensor cores, fp32 accumulation.
+  __device__ __forceinline__ static void mma(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+
+  // One int32 of 8 interleaved codes -> the 4 B-fragment registers (q - 8 as fp16 pairs, exact):
+  // out[0], out[1] = b0, b1 of n8 half 0; out[2], out[3] = b0, b1 of n8 half 1.
+  // Codes OR-ed into the mantissa of 1024.0 give 1024 + q; nibbles at bits 4..7 give 1024 + 16q.
+  __device__ __forceinline__ static void dequant(uint32_t q, uint32_t (&out)[4]) {
+    constexpr uint32_t kLo = 0x000F000Fu, kHi = 0x00F000F0u, kExp = 0x64006400u;
+    constexpr uint32_t kSubLo = 0x64086408u;  // 1032 = 1024 + 8
+    constexpr uint32_t kMulHi = 0x2C002C00u;  // 1/16
+    constexpr uint32_t kAddHi = 0xD480D480u;  // -72 = -(1024/16 + 8)
+    const uint32_t shifted = q >> 8;
+    const uint32_t lo0 = (q & kLo) | kExp, hi0 = (q & kHi) | kExp;
+    const uint32_t lo1 = (shifted & kLo) | kExp, hi1 = (shifted & kHi) | kExp;
+    asm("sub.f16x2 %0, %1, %2;\n" : "=r"(out[0]) : "r"(lo0), "r"(kSubLo));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(out[1]) : "r"(hi0), "r"(kMulHi), "r"(kAddHi));
+    asm("sub.f16x2 %0, %1, %2;\n" : "=r"(out[2]) : "r"(lo1), "r"(kSubLo));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(out[3]) : "r"(hi1), "r"(kMulHi), "r"(kAddHi));
+  }
+
+  __device__ __forceinline__ static float to_float(half x) { return __half2float(x); }
+  __device__ __forceinline__ static T2 pack2(float x, float y) { return __floats2half2_rn(x, y); }
+};
+
+template <>
+struct Traits<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+
+  __device__ __forceinline__ static void mma(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+
+  // Same contract as the fp16 version. bf16 has only 7 mantissa bits, so every nibble is shifted down to
+  // bits 0..3 and OR-ed into 128.0 (giving 128 + q), then 136 is subtracted (exact).
+  __device__ __forceinline__ static void dequant(uint32_t q, uint32_t (&out)[4]) {
+    constexpr uint32_t kLo = 0x000F000Fu, kExp = 0x43004300u;
+    constexpr uint32_t kOne = 0x3F803F80u;    // 1.0
+    constexpr uint32_t kMinus = 0xC308C308u;  // -136 = -(128 + 8)
+    const uint32_t v0 = (q & kLo) | kExp, v1 = ((q >> 4) & kLo) | kExp;
+    const uint32_t v2 = ((q >> 8) & kLo) | kExp, v3 = ((q >> 12) & kLo) | kExp;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[0]) : "r"(v0), "r"(kOne), "r"(kMinus));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[1]) : "r"(v1), "r"(kOne), "r"(kMinus));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[2]) : "r"(v2), "r"(kOne), "r"(kMinus));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[3]) : "r"(v3), "r"(kOne), "r"(kMinus));
+  }
+
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ __forceinline__ static T2 pack2(float x, float y) { return __floats2bfloat162_rn(x, y); }
+};
+
+}  // namespace marlin

@@ -1,0 +1,167 @@
+"""Benchmark the Marlin kernel against fp16 cuBLAS (torch.matmul) on Llama-2 linear-layer shapes.
+
+Method: for each (shape, batch) a CUDA graph runs the op once on each of several weight copies (rotated so
+one pass touches > 256 MB, far beyond the 50 MB L2); after warm-up the graph is replayed and timed with
+CUDA events; the median replay time divided by the number of copies is reported. Weights are random
+(never zeros): any int32 word is a valid packed group of 8 codes. fp16 cuBLAS runs in the same process.
+
+Floor = max(bytes / 3.0 TB/s, flops / 740 TFLOP/s), the H100's measured copy bandwidth and fp16 rate;
+bytes = packed weights + scales + activations + output. "of floor" = floor / our time.
+
+Prints a per-shape table, then the per-model sums (the acceptance numbers) LAST; writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gptq import kernel
+
+MODELS = {
+    "llama2-7b": ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)),
+    "llama2-70b": ((8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)),
+}
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GROUP = 128
+BANDWIDTH = 3.0e12  # bytes/s, measured device copy on the benchmark H100
+FLOPS = 740e12  # fp16 matmul, measured on the benchmark H100
+ROTATION_BYTES = 256 * 2**20
+
+
+@dataclass
+class Row:
+    """Timings of one (shape, batch) in microseconds."""
+
+    model: str
+    k: int
+    n: int
+    batch: int
+    fp16_us: float
+    ours_us: float
+    fused_us: float
+    dense_us: float | None
+    floor_us: float
+
+
+def _graph_time_us(fn, copies: int, replays: int = 25, warmup: int = 3) -> float:
+    """Median time per call of fn(i) for i in range(copies), captured once in a CUDA graph."""
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3 / copies)
+    del graph
+    return statistics.median(times)
+
+
+def _floor_us(m: int, k: int, n: int) -> float:
+    bytes_moved = k * n // 2 + (k // GROUP) * n * 2 + m * k * 2 + m * n * 2
+    return max(bytes_moved / BANDWIDTH, 2.0 * m * k * n / FLOPS) * 1e6
+
+
+def bench_shape(model: str, k: int, n: int, batches: tuple[int, ...], gen: torch.Generator) -> list[Row]:
+    """Time fp16 cuBLAS and our op (auto, fused and dense paths) for every batch on one [k, n] weight."""
+    dev = "cuda"
+    q_copies = max(2, math.ceil(ROTATION_BYTES / (k * n // 2)))
+    h_copies = max(2, math.ceil(ROTATION_BYTES / (k * n * 2)))
+    qweights = [
+        torch.randint(-(2**31), 2**31 - 1, (k // 16, 2 * n), generator=gen, device=dev, dtype=torch.int32)
+        for _ in range(q_copies)
+    ]
+    scales = [
+        (torch.rand(k // GROUP, n, generator=gen, device=dev) * 0.01 + 1e-3).half() for _ in range(q_copies)
+    ]
+    dense = [(torch.randn(k, n, generator=gen, device=dev) * 0.02).half() for _ in range(h_copies)]
+    ws = kernel.make_workspace(n, dev)
+    rows = []
+    for m in batches:
+        a = torch.randn(m, k, generator=gen, device=dev).half()
+        fp16 = _graph_time_us(lambda i, a=a: torch.matmul(a, dense[i]), h_copies)
+        fused = _graph_time_us(
+            lambda i, a=a: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, ws, kernel.PATH_FUSED),
+            q_copies,
+        )
+        dense_us = None
+        if m >= 32:
+            dense_us = _graph_time_us(
+                lambda i, a=a: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, ws, kernel.PATH_DENSE),
+                q_copies,
+            )
+        auto_dense = m >= kernel.DENSE_MIN_ROWS
+        ours = dense_us if auto_dense and dense_us is not None else fused
+        rows.append(Row(model, k, n, m, fp16, ours, fused, dense_us, _floor_us(m, k, n)))
+        print(
+            f"{model:11s} {k:5d}x{n:<5d} b={m:<4d} fp16 {fp16:8.1f}  fused {fused:8.1f}  "
+            f"dense {dense_us if dense_us is not None else float('nan'):8.1f}  -> {fp16 / ours:5.2f}x  "
+            f"floor {rows[-1].floor_us:6.1f}",
+            flush=True,
+        )
+    return rows
+
+
+def summary_table(rows: list[Row], device: str) -> str:
+    """Per-model sums over the four layers, one line per batch."""
+    lines = [
+        f"device: {device}   (g{GROUP}, CUDA graphs, weights rotated > 256 MB; times are sums over 4 layers)",
+        f"{'shape':11s} {'batch':>5s} {'fp16 us':>9s} {'ours us':>9s} {'ratio':>6s} {'of floor':>8s} "
+        f"{'fused us':>9s} {'dense us':>9s}",
+    ]
+    for model in MODELS:
+        for m in sorted({r.batch for r in rows if r.model == model}):
+            sel = [r for r in rows if r.model == model and r.batch == m]
+            fp16, ours = sum(r.fp16_us for r in sel), sum(r.ours_us for r in sel)
+            fused = sum(r.fused_us for r in sel)
+            dense = sum(r.dense_us for r in sel) if all(r.dense_us is not None for r in sel) else float("nan")
+            floor = sum(r.floor_us for r in sel)
+            lines.append(
+                f"{model:11s} {m:5d} {fp16:9.1f} {ours:9.1f} {fp16 / ours:5.2f}x {floor / ours:8.2f} "
+                f"{fused:9.1f} {dense:9.1f}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench.json (default $OUT)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    args = parser.parse_args()
+    if not kernel.kernel_available():
+        raise SystemExit("the marlin CUDA kernel is not available (no GPU or the build failed)")
+    device = torch.cuda.get_device_name()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for model in args.models:
+        for k, n in MODELS[model]:
+            rows.extend(bench_shape(model, k, n, tuple(args.batches), gen))
+            torch.cuda.empty_cache()
+    table = summary_table(rows, device)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        payload = {"device": device, "group_size": GROUP, "rows": [asdict(r) for r in rows], "summary": table}
+        (Path(args.out) / "bench.json").write_text(json.dumps(payload, indent=1))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# CI: compile the pure-CUDA kernel files with plain nvcc for sm_80 and sm_90 (no torch, no GPU needed).
+# Prints ptxas register/spill reports; fails on any compile error. Skips (exit 0) when nvcc is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC=${NVCC:-nvcc}
+if ! command -v "$NVCC" >/dev/null 2>&1; then
+  echo "compile_kernel: nvcc not found, skipping"; exit 0
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+for src in csrc/marlin_kernel.cu csrc/marlin_dequant.cu; do
+  echo "== $src"
+  "$NVCC" -c -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 -Xptxas -v \
+    "$src" -o "$tmp/$(basename "$src").o" 2>&1 | grep -E "error|warning|registers|spill" || true
+  test -s "$tmp/$(basename "$src").o"
+done
+echo "compile_kernel: ok"

@@ -1,0 +1,182 @@
+"""The CUDA kernel against the float32 reference product on fresh random inputs.
+
+Error measure: ||out - ref|| / ||ref|| < 1e-3, where ref is the float32 product of ``a`` and the
+float32-dequantized weights (gptq.format.dequantize), rounded to the output dtype. (Rounding to bf16
+alone costs ~1.5e-3 against the unrounded product, so bf16 outputs are compared after the same rounding;
+fp16 outputs are also checked against the unrounded product.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptq import format as fmt
+from gptq import kernel
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible here"),
+]
+
+TOL = 1e-3
+M_SWEEP = (1, 2, 3, 7, 16, 17, 31, 64, 118, 128, 255, 1024)
+# (K, N) of the unpadded matrix: tile edges (64), the built-in model's 576 x 192, odd multiples of 64.
+SMALL_SHAPES = ((64, 64), (576, 192), (192, 576), (128, 320), (640, 1088), (1344, 448))
+LARGE_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 1280))
+GROUPS = (32, 64, 128, -1)
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    assert kernel.kernel_available(), "the CUDA extension did not build (see the warning above)"
+
+
+def _case(m: int, k: int, n: int, g: int, dtype: torch.dtype, seed: int):
+    """Fresh random codes, scales and activations on the GPU: (a, qweight, scales)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    groups = 1 if g == -1 else -(-k // g)
+    codes = torch.randint(0, 16, (k, n), generator=gen, device="cuda")
+    scales = (torch.rand(groups, n, generator=gen, device="cuda") * 0.02 + 1e-3).to(dtype)
+    qweight, packed, shape = fmt.pack(codes, scales, g)
+    a = torch.randn(m, shape.k_pad, generator=gen, device="cuda").to(dtype)
+    return a, qweight, packed
+
+
+def _rel_err(out: torch.Tensor, ref32: torch.Tensor) -> float:
+    ref = ref32.to(out.dtype).float()
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def _poisoned_call(
+    a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, g: int, path: int
+) -> torch.Tensor:
+    """Fill the block the output will get from the caching allocator with NaN, then call the kernel."""
+    n_pad = qweight.shape[1] // 2
+    poison = torch.full((a.shape[0], n_pad), float("nan"), dtype=a.dtype, device=a.device)
+    ptr = poison.data_ptr()
+    del poison
+    out = kernel.marlin_gemm(a, qweight, scales, g, path=path)
+    if path != kernel.PATH_DENSE:
+        assert out.data_ptr() == ptr, "the output did not reuse the poisoned block; the poison check is void"
+    assert not torch.isnan(out).any(), "some output elements were never written"
+    return out
+
+
+def _check(m: int, k: int, n: int, g: int, dtype: torch.dtype, path: int = kernel.PATH_AUTO) -> None:
+    a, qweight, scales = _case(
+        m, k, n, g, dtype, seed=((m * 7919 + k) * 7919 + n) * 7919 + g * 3 + path + (dtype == torch.bfloat16)
+    )
+    out = _poisoned_call(a, qweight, scales, g, path)
+    ref32 = a.float() @ fmt.dequantize(qweight, scales, g, torch.float32)
+    err = _rel_err(out, ref32)
+    assert err < TOL, f"m={m} k={k} n={n} g={g} {dtype}: relative error {err:.2e}"
+    if dtype == torch.float16:
+        raw = ((out.float() - ref32).norm() / ref32.norm()).item()
+        assert raw < TOL, f"m={m} k={k} n={n} g={g}: error vs unrounded reference {raw:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize("k,n", SMALL_SHAPES)
+@pytest.mark.parametrize("m", M_SWEEP)
+def test_small_shapes(m: int, k: int, n: int, g: int, dtype: torch.dtype) -> None:
+    _check(m, k, n, g, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("g", (128, -1, 32))
+@pytest.mark.parametrize("k,n", LARGE_SHAPES)
+@pytest.mark.parametrize("m", (1, 16, 17, 64, 118))
+def test_large_shapes(m: int, k: int, n: int, g: int, dtype: torch.dtype) -> None:
+    _check(m, k, n, g, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", (64, 129, 255, 1024))
+def test_fused_path_at_large_m(m: int, dtype: torch.dtype) -> None:
+    _check(m, 1024, 704, 64, dtype, path=kernel.PATH_FUSED)
+
+
+@pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize("m", (1, 33, 255))
+def test_dense_path(m: int, g: int) -> None:
+    _check(m, 576, 192, g, torch.float16, path=kernel.PATH_DENSE)
+
+
+def test_dequantize_matches_format() -> None:
+    for g in GROUPS:
+        for dtype in DTYPES:
+            _, qweight, scales = _case(1, 640, 320, g, dtype, seed=7)
+            got = kernel._extension().dequantize(qweight, scales, g)
+            assert torch.equal(got, fmt.dequantize(qweight, scales, g, torch.float32).to(dtype)), (g, dtype)
+
+
+@pytest.mark.parametrize("m", (1, 16, 31, 118))
+def test_repeat_determinism_and_workspace_left_zero(m: int) -> None:
+    a, qweight, scales = _case(m, 4096, 4096, 128, torch.float16, seed=11)
+    ws = kernel.make_workspace(4096, "cuda")
+    first = kernel.marlin_gemm(a, qweight, scales, 128, ws)
+    for _ in range(5):
+        assert torch.equal(kernel.marlin_gemm(a, qweight, scales, 128, ws), first)
+    assert int(ws.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_cuda_graph_capture(dtype: torch.dtype) -> None:
+    a, qweight, scales = _case(16, 1024, 2048, 128, dtype, seed=12)
+    ws = kernel.make_workspace(2048, "cuda")
+    static_a = a.clone()
+    kernel.marlin_gemm(static_a, qweight, scales, 128, ws)  # warm up (and build) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = kernel.marlin_gemm(static_a, qweight, scales, 128, ws)
+    for seed in range(3):
+        fresh = torch.randn(
+            a.shape, generator=torch.Generator(device="cuda").manual_seed(seed), device="cuda"
+        )
+        static_a.copy_(fresh.to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, kernel.marlin_gemm(static_a, qweight, scales, 128, ws))
+
+
+def test_torch_compile() -> None:
+    a, qweight, scales = _case(8, 512, 256, 64, torch.float16, seed=13)
+    ws = kernel.make_workspace(256, "cuda")
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return kernel.marlin_gemm(x * 2, qweight, scales, 64, ws) + 1
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(a), f(a))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_opcheck(dtype: torch.dtype) -> None:
+    a, qweight, scales = _case(5, 256, 192, 128, dtype, seed=14)
+    ws = kernel.make_workspace(192, "cuda")
+    torch.library.opcheck(torch.ops.marlin.gemm.default, (a, qweight, scales, 128, ws, kernel.PATH_FUSED))
+
+
+def test_bad_inputs_raise_before_launch() -> None:
+    a, qweight, scales = _case(4, 256, 128, 64, torch.float16, seed=15)
+    with pytest.raises(ValueError, match="one device"):
+        kernel.marlin_gemm(a.cpu(), qweight, scales, 64)
+    with pytest.raises(ValueError, match="scales dtype"):
+        kernel.marlin_gemm(a, qweight, scales.bfloat16(), 64)
+    with pytest.raises(ValueError, match="packs K_pad=256"):
+        kernel.marlin_gemm(a[:, :192], qweight, scales, 64)
+    ext = kernel._extension()
+    ws = kernel.make_workspace(128, "cuda")
+    wide = torch.randn(4, 512, device="cuda").half()
+    with pytest.raises(RuntimeError, match="a must be a contiguous 2-D"):
+        ext.gemm(wide[:, ::2], qweight, scales, 64, ws)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        ext.gemm(a, qweight, scales[:2], 64, ws)
+    with pytest.raises(RuntimeError, match="workspace must be"):
+        ext.gemm(a, qweight, scales, 64, ws[:1])
+    with pytest.raises(RuntimeError, match="K=256"):
+        ext.gemm(a[:, :128].contiguous(), qweight, scales, 64, ws)

@@ -121,9 +121,9 @@ def metric_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, int | float) or metric == "alias":
-                continue
+            metric, comma, filt = key.partition(",")
+            if not comma or metric.endswith("_stderr") or not isinstance(value, int | float):
+                continue  # "alias", "sample_len" and stderr entries are not metrics of their own
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             rows.append(
                 {

@@ -58,10 +58,16 @@ def _log(message: str) -> None:
 
 
 def apply_overrides(spec: DatasetSpec, options: ReproduceOptions) -> DatasetSpec:
-    """The dataset's bounds with the command-line overrides applied (0 lifts a bound)."""
-    if options.max_windows is not None:
+    """The dataset's bound with the command-line override for its protocol applied (0 lifts the bound).
+
+    Resolving the protocol also checks the dataset name before any long work starts.
+    """
+    from marlin_cli.data import dataset_protocol
+
+    stream = dataset_protocol(spec.name) == "stream"
+    if stream and options.max_windows is not None:
         spec = replace(spec, max_windows=options.max_windows or None)
-    if options.max_docs is not None:
+    if not stream and options.max_docs is not None:
         spec = replace(spec, max_docs=options.max_docs or None)
     return spec
 

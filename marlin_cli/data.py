@@ -346,9 +346,10 @@ def calibration_samples(
                 samples.append(_long(cut)[None])
                 if len(samples) == nsamples:
                     return samples
+        fix = f"lower --nsamples to {len(samples)}" if samples else "use a larger corpus"
         raise MarlinError(
             f"{spec.name} ({source}) has only {len(samples)} calibration documents of 2..{seqlen} tokens "
-            f"after the {len(held)} held-out ones; lower --nsamples to {len(samples)} or use another dataset"
+            f"after the {len(held)} held-out ones, {nsamples} asked; {fix} or use another dataset"
         )
     rng = random.Random(seed)
     if spec.fields.get("calibration", {}).get("windows") == "long_documents":

@@ -132,6 +132,11 @@ def check_inputs(
     return m, k_pad, n_pad
 
 
+def uses_dense_path(m: int, dtype: torch.dtype, path: int) -> bool:
+    """Whether a CUDA call with ``m`` rows of ``dtype`` runs dequantize + cuBLAS instead of the fused kernel."""
+    return path == PATH_DENSE or (path == PATH_AUTO and dtype == torch.float16 and m >= DENSE_MIN_ROWS)
+
+
 @torch.library.custom_op("marlin::gemm", mutates_args=("workspace",))
 def _gemm(
     a: torch.Tensor,
@@ -157,8 +162,7 @@ def _gemm_cuda(
 ) -> torch.Tensor:
     m, _, _ = check_inputs(a, qweight, scales, group_size)
     ext = _extension()
-    dense = path == PATH_DENSE or (path == PATH_AUTO and a.dtype == torch.float16 and m >= DENSE_MIN_ROWS)
-    if dense:
+    if uses_dense_path(m, a.dtype, path):
         return a @ ext.dequantize(qweight, scales, group_size)
     return ext.gemm(a, qweight, scales, group_size, workspace)
 

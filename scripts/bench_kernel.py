@@ -107,7 +107,7 @@ def bench_shape(model: str, k: int, n: int, batches: tuple[int, ...], gen: torch
                 lambda i, a=a: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, ws, kernel.PATH_DENSE),
                 q_copies,
             )
-        auto_dense = m >= kernel.DENSE_MIN_ROWS
+        auto_dense = kernel.uses_dense_path(m, torch.float16, kernel.PATH_AUTO)
         ours = dense_us if auto_dense and dense_us is not None else fused
         rows.append(Row(model, k, n, m, fp16, ours, fused, dense_us, _floor_us(m, k, n)))
         print(

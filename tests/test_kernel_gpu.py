@@ -52,14 +52,15 @@ def _rel_err(out: torch.Tensor, ref32: torch.Tensor) -> float:
 def _poisoned_call(
     a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, g: int, path: int
 ) -> torch.Tensor:
-    """Fill the block the output will get from the caching allocator with NaN, then call the kernel."""
+    """Fill the blocks the output can get from the caching allocator with NaN, then call the kernel."""
     n_pad = qweight.shape[1] // 2
-    poison = torch.full((a.shape[0], n_pad), float("nan"), dtype=a.dtype, device=a.device)
-    ptr = poison.data_ptr()
+    ws = kernel.make_workspace(n_pad, a.device)  # allocated first, so it cannot take a poisoned block
+    poison = [torch.full((a.shape[0], n_pad), float("nan"), dtype=a.dtype, device=a.device) for _ in range(4)]
+    ptrs = {p.data_ptr() for p in poison}
     del poison
-    out = kernel.marlin_gemm(a, qweight, scales, g, path=path)
-    if path != kernel.PATH_DENSE:
-        assert out.data_ptr() == ptr, "the output did not reuse the poisoned block; the poison check is void"
+    out = kernel.marlin_gemm(a, qweight, scales, g, ws, path=path)
+    if not kernel.uses_dense_path(a.shape[0], a.dtype, path):
+        assert out.data_ptr() in ptrs, "the output did not reuse a poisoned block; the poison check is void"
     assert not torch.isnan(out).any(), "some output elements were never written"
     return out
 

@@ -124,7 +124,7 @@ def stand_in_pipeline(monkeypatch: pytest.MonkeyPatch, ppl: dict[str, dict[str, 
     """Replace quantization and evaluation by stand-ins returning ``ppl[variant][dataset]``; logs the calls."""
     calls: list[str] = []
 
-    def fake_quantize(config, model_path, out, nearest, device):  # noqa: ANN001, ANN202
+    def fake_quantize(config, model_path, out, nearest, device, progress):  # noqa: ANN001, ANN202
         calls.append(f"quantize {'rtn' if nearest else 'gptq'} {out.name}")
         return {"path": str(out), "size_mb": 100.0, "quantize_seconds": 2.0}
 

@@ -19,26 +19,24 @@
 
 namespace marlin {
 
-constexpr int kThreads = 256;   // 8 warps per block
-constexpr int kWarps = 8;       // each warp owns one 64-column strip of the block's 512 columns
 constexpr int kStrips = 4;      // k16 strips (16 rows x 64 columns, one 16-byte load per lane) per warp per tile
 constexpr int kTileK = 16 * kStrips;  // k rows per pipeline stage
-constexpr int kTileN = 64 * kWarps;   // columns per column block
 constexpr int kMaxRows = 32;    // rows of A per launch (two m16 blocks)
 
-// Shared memory of one pipeline stage, in 16-byte vectors.
-template <int M_BLOCKS>
+// Shared memory of one pipeline stage, in 16-byte vectors, for WARPS warps (one 64-column strip each).
+template <int M_BLOCKS, int WARPS>
 struct StageLayout {
-  static constexpr int kB = kWarps * kStrips * 32;  // weights: warp x strip x lane
+  static constexpr int kTileN = 64 * WARPS;         // columns per column block
+  static constexpr int kB = WARPS * kStrips * 32;   // weights: warp x strip x lane
   static constexpr int kA = M_BLOCKS * 16 * 8;      // activations: 16*M_BLOCKS rows x 64 halves (swizzled)
-  static constexpr int kS = 2 * kTileN / 8;         // scales: up to 2 group rows x 512 columns
+  static constexpr int kS = 2 * kTileN / 8;         // scales: up to 2 group rows x kTileN columns
   static constexpr int kStage = kB + kA + kS;
 };
 
 // Dynamic shared memory bytes for one block.
-template <int M_BLOCKS, int STAGES>
+template <int M_BLOCKS, int WARPS, int STAGES>
 constexpr int smem_bytes() {
-  return 16 * STAGES * StageLayout<M_BLOCKS>::kStage;
+  return 16 * STAGES * StageLayout<M_BLOCKS, WARPS>::kStage;
 }
 
 // acc += scale * grp for this lane's columns, then grp = 0. `ss` points at the warp's 64 scales of one
@@ -119,6 +117,7 @@ __device__ __forceinline__ void finish_segment(float (&acc)[M_BLOCKS][8][4], flo
     if (arrived != n_segs - 1) return;
     // Last to arrive: sum every segment in segment order (deterministic), its own from registers.
     __threadfence();
+#pragma unroll 2
     for (int s = 0; s < n_segs; ++s) {
       const float* other = scratch + static_cast<size_t>(strip * max_segs + s) * (kMaxRows * 64);
 #pragma unroll
@@ -166,9 +165,10 @@ __device__ __forceinline__ void finish_segment(float (&acc)[M_BLOCKS][8][4], flo
 // Fused dequantize + matrix product.
 template <typename T,     // half or __nv_bfloat16: element type of A, scales and C
           int M_BLOCKS,   // m16 row blocks handled (1: m <= 16, 2: m <= 32)
-          int STAGES,     // cp.async pipeline depth, in 64 x 512 tiles
+          int WARPS,      // warps per block = 64-column strips per column block (4 or 8)
+          int STAGES,     // cp.async pipeline depth, in 64 x (64*WARPS) tiles
           int MIN_BLOCKS> // thread blocks per SM the register allocation must allow
-__global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
+__global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     gemm_kernel(const T* __restrict__ a,           // [m, lda] activations (first k columns used)
                 const int4* __restrict__ qweight,  // [k/16, n/2] packed codes as 16-byte vectors
                 const T* __restrict__ scales,      // [k/group, n] or [1, n], Marlin-permuted columns
@@ -184,7 +184,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
                 int tiles_per_cta,                 // units of work per block (last block may get fewer)
                 int max_segs) {                    // segment slots per strip in scratch
   using Tr = Traits<T>;
-  using L = StageLayout<M_BLOCKS>;
+  using L = StageLayout<M_BLOCKS, WARPS>;
+  constexpr int kWarps = WARPS;
+  constexpr int kTileN = L::kTileN;
   extern __shared__ int4 smem[];
 
   const int tid = threadIdx.x;
@@ -202,11 +204,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   const int tiles_per_group = per_channel || group32 ? 1 : group / kTileK;
 
   // Per-thread constant parts of the copy addresses.
-  const int a_row = tid / 8, a_chunk = tid % 8;
-  const bool a_loader = tid < L::kA;
-  const bool a_valid = a_loader && a_row < m;
-  const T* a_src = a + static_cast<size_t>(a_valid ? a_row : 0) * lda + a_chunk * 8;
-  const int a_dst = L::kB + a_row * 8 + (a_chunk ^ (a_row % 8));
+  constexpr int kAPerThread = (L::kA + 32 * WARPS - 1) / (32 * WARPS);  // 16-byte A copies per thread
+  const int a_chunk = tid % 8;
   const bool s_loader = tid < scale_rows * (kTileN / 8);
   const int s_row = tid / (kTileN / 8), s_chunk = tid % (kTileN / 8);
 
@@ -219,7 +218,15 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
 #pragma unroll
       for (int i = 0; i < kStrips; ++i) cp_async16(sh + (warp * kStrips + i) * 32 + lane, src + i * n_words);
     }
-    if (a_loader) cp_async16(sh + a_dst, a_valid ? a_src + kt * kTileK : a, a_valid);
+#pragma unroll
+    for (int r = 0; r < kAPerThread; ++r) {
+      const int a_row = (tid + r * 32 * WARPS) / 8;
+      if (a_row < 16 * M_BLOCKS) {
+        const bool valid = a_row < m;
+        const T* src = valid ? a + static_cast<size_t>(a_row) * lda + kt * kTileK + a_chunk * 8 : a;
+        cp_async16(sh + L::kB + a_row * 8 + (a_chunk ^ (a_row % 8)), src, valid);
+      }
+    }
     if (s_loader) {
       const int col = nb * kTileN + s_chunk * 8;
       if (col < n) {
@@ -317,21 +324,32 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
 }
 
 // Launch configuration per number of m16 row blocks. Weights in flight per SM = blocks x (stages - 1)
-// x 16 KB; HBM needs roughly 3 TB/s x 2 us / 132 SMs = 45 KB to stay busy. One row block fits in 124
-// registers, so two blocks per SM (4 warps per scheduler) hide the dequantization latency better; two
-// row blocks need ~230 registers, hence one block per SM with a deeper pipeline.
+// x warps x 2 KB; HBM needs roughly 3 TB/s x 2 us / 132 SMs = 45 KB per SM to stay busy.
+// One row block fits in 124 registers: 4 blocks of 4 warps per SM (4 warps per scheduler to hide the
+// dequantization latency; 256-column blocks so that small matrices need less split-k). Two row blocks
+// need ~230 registers: one block of 8 warps per SM with a deeper pipeline.
 template <int M_BLOCKS>
 struct Config;
 template <>
 struct Config<1> {
-  static constexpr int kStages = 5;
-  static constexpr int kBlocksPerSm = 2;
+  static constexpr int kWarps = 4;
+  static constexpr int kStages = 4;
+  static constexpr int kBlocksPerSm = 4;
 };
 template <>
 struct Config<2> {
+  static constexpr int kWarps = 8;
   static constexpr int kStages = 6;
   static constexpr int kBlocksPerSm = 1;
 };
+
+// Largest number of blocks any configuration launches per SM, and the narrowest column block (both
+// size the scratch buffer).
+constexpr int kMaxBlocksPerSm = 4;
+constexpr int kMinTileN = 256;
+// A column block's k range is split into at most about this many segments: each costs a partial-sum
+// round trip through L2 and a serial step for the block that adds them up.
+constexpr int kMaxSplit = 16;
 
 struct Plan {
   int grid;            // thread blocks launched
@@ -339,32 +357,31 @@ struct Plan {
   int max_segs;        // segments any column block may be split into
 };
 
-Plan make_plan(int n, int k, int ctas) {
+Plan make_plan(int n, int k, int ctas, int tile_n) {
   const int k_tiles = k / kTileK;
-  const int n_blocks = (n + kTileN - 1) / kTileN;
+  const int n_blocks = (n + tile_n - 1) / tile_n;
   const int total = n_blocks * k_tiles;
   Plan p;
   p.tiles_per_cta = (total + ctas - 1) / ctas;
+  const int min_tiles = (k_tiles + kMaxSplit - 1) / kMaxSplit;
+  if (p.tiles_per_cta < min_tiles) p.tiles_per_cta = min_tiles;
   p.grid = (total + p.tiles_per_cta - 1) / p.tiles_per_cta;
   p.max_segs = (k_tiles + p.tiles_per_cta - 1) / p.tiles_per_cta + 1;
   return p;
 }
 
-// Largest number of blocks any configuration launches per SM (sizes the scratch buffer).
-constexpr int kMaxBlocksPerSm = 2;
-
 template <typename T, int M_BLOCKS>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, int* locks, float* scratch, int m, int n, int k,
            int lda, int group, int per_channel, int sms, cudaStream_t stream) {
   using C = Config<M_BLOCKS>;
-  auto kernel = gemm_kernel<T, M_BLOCKS, C::kStages, C::kBlocksPerSm>;
-  constexpr int smem = smem_bytes<M_BLOCKS, C::kStages>();
+  auto kernel = gemm_kernel<T, M_BLOCKS, C::kWarps, C::kStages, C::kBlocksPerSm>;
+  constexpr int smem = smem_bytes<M_BLOCKS, C::kWarps, C::kStages>();
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  const Plan plan = make_plan(n, k, sms * C::kBlocksPerSm);
-  kernel<<<plan.grid, kThreads, smem, stream>>>(a, qweight, scales, c, locks, scratch, m, n, k, lda, group,
-                                                 per_channel, plan.tiles_per_cta, plan.max_segs);
+  const Plan plan = make_plan(n, k, sms * C::kBlocksPerSm, 64 * C::kWarps);
+  kernel<<<plan.grid, 32 * C::kWarps, smem, stream>>>(a, qweight, scales, c, locks, scratch, m, n, k, lda, group,
+                                                       per_channel, plan.tiles_per_cta, plan.max_segs);
   return cudaGetLastError() == cudaSuccess ? MARLIN_OK : MARLIN_ERR_LAUNCH;
 }
 
@@ -411,7 +428,7 @@ const char* marlin_status_string(int status) {
 size_t marlin_scratch_bytes(int n, int k, int sms) {
   if (n < 64 || k < 64 || sms < 1) return 0;
   // More blocks means shorter runs and more segments per column block: size for the largest grid.
-  const marlin::Plan p = marlin::make_plan(n, k, sms * marlin::kMaxBlocksPerSm);
+  const marlin::Plan p = marlin::make_plan(n, k, sms * marlin::kMaxBlocksPerSm, marlin::kMinTileN);
   return static_cast<size_t>(n / 64) * p.max_segs * marlin::kMaxRows * 64 * sizeof(float);
 }
 

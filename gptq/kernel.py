@@ -54,12 +54,14 @@ def _extension() -> ModuleType:
     missing = [name for name in SOURCES + HEADERS if not (src / name).is_file()]
     if missing:
         raise FileNotFoundError(f"marlin kernel sources missing in {src}: {missing}")
-    flags = ["-O3", "-std=c++17", "-lineinfo"]
+    # No -std flag: cpp_extension passes the C++ standard torch itself was built with (a mismatch can
+    # break the ABI of c10::Error, i.e. crash when a check fails).
+    flags = ["-O3", "-lineinfo"]
     return cpp_extension.load(
         name=EXTENSION_NAME,
         sources=[str(src / name) for name in SOURCES],
         extra_include_paths=[str(src)],
-        extra_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3"],
         extra_cuda_cflags=flags,
         verbose=os.environ.get("MARLIN_BUILD_VERBOSE", "") == "1",
     )

@@ -203,38 +203,51 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   // Grouped scales: tile kt starts in group row kt * 64 / group; fold every `fold_every` tiles.
   const int tiles_per_group = per_channel || group32 ? 1 : group / kTileK;
 
-  // Per-thread constant parts of the copy addresses.
-  constexpr int kAPerThread = (L::kA + 32 * WARPS - 1) / (32 * WARPS);  // 16-byte A copies per thread
-  const int a_chunk = tid % 8;
+  // Copy addresses. Each thread issues per tile: kStrips weight vectors of its warp's strip, at most one
+  // activation vector (row a_row, 8 columns) and at most one scale vector; all advance incrementally.
+  static_assert(L::kA <= 32 * WARPS, "one activation copy per thread");
+  const uint32_t sh_base = smem_addr(smem);
+  constexpr uint32_t kStageBytes = 16 * L::kStage;
+  const uint32_t b_dst = sh_base + 16 * ((warp * kStrips) * 32 + lane);
+  const int a_row = tid / 8, a_chunk = tid % 8;
+  const bool a_loader = tid < L::kA;
+  const bool a_valid = a_loader && a_row < m;
+  const T* a_src = a + static_cast<size_t>(a_valid ? a_row : 0) * lda + a_chunk * 8;
+  const uint32_t a_dst = sh_base + 16 * (L::kB + a_row * 8 + (a_chunk ^ (a_row % 8)));
   const bool s_loader = tid < scale_rows * (kTileN / 8);
   const int s_row = tid / (kTileN / 8), s_chunk = tid % (kTileN / 8);
+  const uint32_t s_dst = sh_base + 16 * (L::kB + L::kA + s_row * (kTileN / 8) + s_chunk);
+  const int tiles_shift = tiles_per_group == 2 ? 1 : 0;  // group 128: two tiles per scale row
 
   // Issue the copies of unit (nb, kt) into shared-memory stage `stage`.
   auto fetch = [&](int nb, int kt, int stage) {
-    int4* sh = smem + stage * L::kStage;
+    const uint32_t off = stage * kStageBytes;
     const int strip = nb * kWarps + warp;
     if (strip < n_strips) {
       const int4* src = qweight + static_cast<size_t>(kt * kStrips) * n_words + strip * 32 + lane;
 #pragma unroll
-      for (int i = 0; i < kStrips; ++i) cp_async16(sh + (warp * kStrips + i) * 32 + lane, src + i * n_words);
+      for (int i = 0; i < kStrips; ++i) cp_async16(b_dst + off + 16 * 32 * i, src + i * n_words);
     }
-#pragma unroll
-    for (int r = 0; r < kAPerThread; ++r) {
-      const int a_row = (tid + r * 32 * WARPS) / 8;
-      if (a_row < 16 * M_BLOCKS) {
-        const bool valid = a_row < m;
-        const T* src = valid ? a + static_cast<size_t>(a_row) * lda + kt * kTileK + a_chunk * 8 : a;
-        cp_async16(sh + L::kB + a_row * 8 + (a_chunk ^ (a_row % 8)), src, valid);
-      }
-    }
+    if (a_loader) cp_async16_zfill(a_dst + off, a_src + kt * kTileK, a_valid);
     if (s_loader) {
       const int col = nb * kTileN + s_chunk * 8;
-      if (col < n) {
-        const int srow = per_channel ? 0 : (group32 ? 2 * kt + s_row : kt / tiles_per_group);
-        cp_async16(sh + L::kB + L::kA + s_row * (kTileN / 8) + s_chunk, scales + static_cast<size_t>(srow) * n + col);
-      }
+      const int srow = per_channel ? 0 : (group32 ? 2 * kt + s_row : kt >> tiles_shift);
+      if (col < n) cp_async16(s_dst + off, scales + static_cast<size_t>(srow) * n + col);
     }
   };
+
+  // Shared-memory read addresses (stage 0): this lane's weight vectors, its ldmatrix rows of A for each
+  // k16 strip, and its warp's scales.
+  const uint32_t b_src_sh = b_dst;
+  uint32_t a_src_sh[M_BLOCKS][kStrips];
+#pragma unroll
+  for (int b = 0; b < M_BLOCKS; ++b)
+#pragma unroll
+    for (int i = 0; i < kStrips; ++i) {
+      const int row = b * 16 + (lane % 16);
+      const int chunk = i * 2 + lane / 16;
+      a_src_sh[b][i] = sh_base + 16 * (L::kB + row * 8 + (chunk ^ (row % 8)));
+    }
 
   float acc[M_BLOCKS][8][4];  // running sum: [m16 block][n8 tile][mma C fragment]
   float grp[M_BLOCKS][8][4];  // sum over the current scale group, not yet scaled
@@ -271,23 +284,18 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     cp_async_commit();
     if (++f_stage == STAGES) f_stage = 0;
 
-    const int4* sh = smem + stage * L::kStage;
-    const int4* ss = sh + L::kB + L::kA + warp * 8;  // this warp's scales, group row 0
+    const uint32_t off = stage * kStageBytes;
+    const int4* ss = smem + stage * L::kStage + L::kB + L::kA + warp * 8;  // warp's scales, group row 0
     const int strip = nb * kWarps + warp;
     const bool seg_end = kt == k_tiles - 1 || x == end - 1;
     if (strip < n_strips) {
 #pragma unroll
       for (int i = 0; i < kStrips; ++i) {
-        const int4 bq = sh[(warp * kStrips + i) * 32 + lane];
+        const uint4 bq = lds128(b_src_sh + off + 16 * 32 * i);
         uint32_t af[M_BLOCKS][4];
 #pragma unroll
-        for (int b = 0; b < M_BLOCKS; ++b) {
-          const int row = b * 16 + (lane % 16);
-          const int chunk = i * 2 + lane / 16;
-          ldmatrix_x4(af[b], sh + L::kB + row * 8 + (chunk ^ (row % 8)));
-        }
-        const uint32_t words[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y),
-                                   static_cast<uint32_t>(bq.z), static_cast<uint32_t>(bq.w)};
+        for (int b = 0; b < M_BLOCKS; ++b) ldmatrix_x4(af[b], a_src_sh[b][i] + off);
+        const uint32_t words[4] = {bq.x, bq.y, bq.z, bq.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           uint32_t bf[4];

@@ -12,12 +12,35 @@
 
 namespace marlin {
 
-// 16-byte asynchronous global -> shared copy, bypassing L1. With pred false nothing is read and the 16
-// shared bytes are zero-filled (src must still be a valid address).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred = true) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+// 32-bit shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte asynchronous global -> shared copy, bypassing L1.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+
+// As cp_async16, but with pred false nothing is read and the 16 bytes are zero-filled (src must still be a
+// valid address).
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* gmem, bool pred) {
   const int src_bytes = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+
+// 16-byte shared-memory load.
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+
+// (a & b) | c in one LOP3 (the compiler splits it in two when b and c are both immediates).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 
 // Close the current group of cp.async copies.
@@ -30,8 +53,7 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Four 8x8 b16 matrices from shared memory: lane l gives the address of row (l % 8) of matrix (l / 8).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -47,7 +69,7 @@ struct Traits<half> {
 
   // acc[4] += A(16x16, 4 regs) * B(16x8, 2 regs) on the tensor cores, fp32 accumulation.
   __device__ __forceinline__ static void mma(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
@@ -63,8 +85,8 @@ struct Traits<half> {
     constexpr uint32_t kMulHi = 0x2C002C00u;  // 1/16
     constexpr uint32_t kAddHi = 0xD480D480u;  // -72 = -(1024/16 + 8)
     const uint32_t shifted = q >> 8;
-    const uint32_t lo0 = (q & kLo) | kExp, hi0 = (q & kHi) | kExp;
-    const uint32_t lo1 = (shifted & kLo) | kExp, hi1 = (shifted & kHi) | kExp;
+    const uint32_t lo0 = and_or(q, kLo, kExp), hi0 = and_or(q, kHi, kExp);
+    const uint32_t lo1 = and_or(shifted, kLo, kExp), hi1 = and_or(shifted, kHi, kExp);
     asm("sub.f16x2 %0, %1, %2;\n" : "=r"(out[0]) : "r"(lo0), "r"(kSubLo));
     asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(out[1]) : "r"(hi0), "r"(kMulHi), "r"(kAddHi));
     asm("sub.f16x2 %0, %1, %2;\n" : "=r"(out[2]) : "r"(lo1), "r"(kSubLo));
@@ -80,7 +102,7 @@ struct Traits<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
 
   __device__ __forceinline__ static void mma(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
@@ -93,8 +115,8 @@ struct Traits<__nv_bfloat16> {
     constexpr uint32_t kLo = 0x000F000Fu, kExp = 0x43004300u;
     constexpr uint32_t kOne = 0x3F803F80u;    // 1.0
     constexpr uint32_t kMinus = 0xC308C308u;  // -136 = -(128 + 8)
-    const uint32_t v0 = (q & kLo) | kExp, v1 = ((q >> 4) & kLo) | kExp;
-    const uint32_t v2 = ((q >> 8) & kLo) | kExp, v3 = ((q >> 12) & kLo) | kExp;
+    const uint32_t v0 = and_or(q, kLo, kExp), v1 = and_or(q >> 4, kLo, kExp);
+    const uint32_t v2 = and_or(q >> 8, kLo, kExp), v3 = and_or(q >> 12, kLo, kExp);
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[0]) : "r"(v0), "r"(kOne), "r"(kMinus));
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[1]) : "r"(v1), "r"(kOne), "r"(kMinus));
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[2]) : "r"(v2), "r"(kOne), "r"(kMinus));

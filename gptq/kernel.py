@@ -67,6 +67,21 @@ def _extension() -> ModuleType:
     )
 
 
+def _checked(result: tuple[torch.Tensor | None, int, str]) -> torch.Tensor:
+    """Unpack an extension call's (tensor, error kind, message): raise ValueError (1) or RuntimeError (2)."""
+    out, kind, message = result
+    if kind == 1:
+        raise ValueError(message)
+    if kind != 0 or out is None:
+        raise RuntimeError(message or "marlin extension returned no result")
+    return out
+
+
+def dequantize_cuda(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dense [K_pad, N_pad] weights in ``scales.dtype`` computed by the CUDA dequantization kernel."""
+    return _checked(_extension().dequantize(qweight, scales, group_size))
+
+
 def kernel_available() -> bool:
     """True when a CUDA device is present and the extension builds and loads."""
     if not torch.cuda.is_available():
@@ -165,8 +180,8 @@ def _gemm_cuda(
     m, _, _ = check_inputs(a, qweight, scales, group_size)
     ext = _extension()
     if uses_dense_path(m, a.dtype, path):
-        return a @ ext.dequantize(qweight, scales, group_size)
-    return ext.gemm(a, qweight, scales, group_size, workspace)
+        return a @ _checked(ext.dequantize(qweight, scales, group_size))
+    return _checked(ext.gemm(a, qweight, scales, group_size, workspace))
 
 
 @_gemm.register_fake

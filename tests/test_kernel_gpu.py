@@ -110,7 +110,7 @@ def test_dequantize_matches_format() -> None:
     for g in GROUPS:
         for dtype in DTYPES:
             _, qweight, scales = _case(1, 640, 320, g, dtype, seed=7)
-            got = kernel._extension().dequantize(qweight, scales, g)
+            got = kernel.dequantize_cuda(qweight, scales, g)
             assert torch.equal(got, fmt.dequantize(qweight, scales, g, torch.float32).to(dtype)), (g, dtype)
 
 
@@ -173,11 +173,11 @@ def test_bad_inputs_raise_before_launch() -> None:
     ext = kernel._extension()
     ws = kernel.make_workspace(128, "cuda")
     wide = torch.randn(4, 512, device="cuda").half()
-    with pytest.raises(RuntimeError, match="a must be a contiguous 2-D"):
-        ext.gemm(wide[:, ::2], qweight, scales, 64, ws)
-    with pytest.raises(RuntimeError, match="scales must be"):
-        ext.gemm(a, qweight, scales[:2], 64, ws)
-    with pytest.raises(RuntimeError, match="workspace must be"):
-        ext.gemm(a, qweight, scales, 64, ws[:1])
-    with pytest.raises(RuntimeError, match="K=256"):
-        ext.gemm(a[:, :128].contiguous(), qweight, scales, 64, ws)
+    with pytest.raises(ValueError, match="a must be a contiguous 2-D"):
+        kernel._checked(ext.gemm(wide[:, ::2], qweight, scales, 64, ws))
+    with pytest.raises(ValueError, match="scales must be"):
+        kernel._checked(ext.gemm(a, qweight, scales[:2], 64, ws))
+    with pytest.raises(ValueError, match="workspace must be"):
+        kernel._checked(ext.gemm(a, qweight, scales, 64, ws[:1]))
+    with pytest.raises(ValueError, match="K=256"):
+        kernel._checked(ext.gemm(a[:, :128].contiguous(), qweight, scales, 64, ws))

@@ -1,14 +1,15 @@
 // The fused Marlin kernel: C[m, n] = A[m, k] @ dequant(B)[k, n] for m <= 32 per launch, fp32 accumulation.
 //
-// Work split. The output is cut into column blocks of 512 (8 strips of 64) and k into tiles of 64 rows;
+// Work split. The output is cut into column blocks of 64*WARPS columns and k into tiles of 64 rows;
 // a (column block, k tile) pair is one unit of work, numbered column-block-major. Each of the `grid`
 // thread blocks streams one contiguous run of `tiles_per_cta` units ("stream-k"), so every SM gets the
 // same amount of weight to read whatever the shape. A run that covers only part of a column block's k
-// range produces a partial sum ("segment"); the segments of a column block are added in segment order by
-// whichever block finishes last (per-strip arrival counters in `locks`), so results are bit-identical
-// from run to run and no block ever waits on another.
+// range produces a partial sum ("segment") in an fp32 scratch buffer; a second small kernel adds the
+// segments of each split column block in segment order and writes C. Results are bit-identical from run
+// to run, no block ever waits on another, and there is no state left between launches (graph-safe).
 //
-// Inside a block: 8 warps, one 64-column strip each, over the 64 x 512 tile (4 k16 strips per warp).
+// Inside a block: WARPS warps, one 64-column strip each, over the 64 x 64*WARPS tile (4 k16 strips per
+// warp).
 // Weights, activations and scales flow through a STAGES-deep cp.async pipeline in shared memory. Each
 // warp dequantizes its 16-byte weight vectors with bit tricks straight into mma.sync m16n8k16 B fragments
 // (q - 8, exact in fp16 and bf16) and accumulates one scale group in fp32; at the end of each group the
@@ -83,70 +84,16 @@ __device__ __forceinline__ void fold_group(float (&acc)[M_BLOCKS][8][4], float (
     }
 }
 
-// End of a segment for one warp's strip: write the sum to C, or add it to the other segments of the
-// strip (the last to arrive adds all of them in segment order and writes C). `tmp` must be zero on entry
-// and is zero on exit; acc is left unspecified.
+// End of a segment for one warp's strip: write the sum to C when the segment is the strip's whole k range,
+// else to the segment's slot in scratch ([strip][seg][32 rows][64 columns] fp32) for reduce_kernel.
 template <typename T, int M_BLOCKS>
-__device__ __forceinline__ void finish_segment(float (&acc)[M_BLOCKS][8][4], float (&tmp)[M_BLOCKS][8][4], T* c,
-                                               int* locks, float* scratch, int m, int n, int strip, int seg,
-                                               int n_segs, int max_segs, int lane) {
+__device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4], T* c, float* scratch, int m,
+                                               int n, int strip, int seg, bool whole, int max_segs, int lane) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
-  const int row0 = lane / 4;             // + 8 * h + 16 * b: this lane's rows
-  const int col0 = 2 * (lane % 4);       // + 8 * j: this lane's column pair in n8 tile j
-  if (n_segs > 1) {
-    float* part = scratch + static_cast<size_t>(strip * max_segs + seg) * (kMaxRows * 64);
-#pragma unroll
-    for (int b = 0; b < M_BLOCKS; ++b)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = b * 16 + h * 8 + row0;
-        if (row < m) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            *reinterpret_cast<float2*>(part + row * 64 + 8 * j + col0) =
-                make_float2(acc[b][j][2 * h], acc[b][j][2 * h + 1]);
-          }
-        }
-      }
-    __threadfence();
-    __syncwarp();
-    int arrived = 0;
-    if (lane == 0) arrived = atomicAdd(locks + strip, 1);
-    arrived = __shfl_sync(0xffffffffu, arrived, 0);
-    if (arrived != n_segs - 1) return;
-    // Last to arrive: sum every segment in segment order (deterministic), its own from registers.
-    __threadfence();
-#pragma unroll 2
-    for (int s = 0; s < n_segs; ++s) {
-      const float* other = scratch + static_cast<size_t>(strip * max_segs + s) * (kMaxRows * 64);
-#pragma unroll
-      for (int b = 0; b < M_BLOCKS; ++b)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = b * 16 + h * 8 + row0;
-          if (row < m) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              float2 v = make_float2(acc[b][j][2 * h], acc[b][j][2 * h + 1]);
-              if (s != seg) v = __ldcg(reinterpret_cast<const float2*>(other + row * 64 + 8 * j + col0));
-              tmp[b][j][2 * h] += v.x;
-              tmp[b][j][2 * h + 1] += v.y;
-            }
-          }
-        }
-    }
-#pragma unroll
-    for (int b = 0; b < M_BLOCKS; ++b)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc[b][j][e] = tmp[b][j][e];
-          tmp[b][j][e] = 0.f;
-        }
-    if (lane == 0) locks[strip] = 0;  // leave the counter zero for the next launch
-  }
+  const int row0 = lane / 4;        // + 8 * h + 16 * b: this lane's rows
+  const int col0 = 2 * (lane % 4);  // + 8 * j: this lane's column pair in n8 tile j
+  float* part = scratch + static_cast<size_t>(strip * max_segs + seg) * (kMaxRows * 64);
 #pragma unroll
   for (int b = 0; b < M_BLOCKS; ++b)
 #pragma unroll
@@ -155,11 +102,51 @@ __device__ __forceinline__ void finish_segment(float (&acc)[M_BLOCKS][8][4], flo
       if (row < m) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          *reinterpret_cast<T2*>(c + static_cast<size_t>(row) * n + strip * 64 + 8 * j + col0) =
-              Tr::pack2(acc[b][j][2 * h], acc[b][j][2 * h + 1]);
+          if (whole) {
+            *reinterpret_cast<T2*>(c + static_cast<size_t>(row) * n + strip * 64 + 8 * j + col0) =
+                Tr::pack2(acc[b][j][2 * h], acc[b][j][2 * h + 1]);
+          } else {
+            *reinterpret_cast<float2*>(part + row * 64 + 8 * j + col0) =
+                make_float2(acc[b][j][2 * h], acc[b][j][2 * h + 1]);
+          }
         }
       }
     }
+}
+
+// Segments of column block nb: blocks first..last cover its k range (runs of tiles_per_cta units).
+__device__ __forceinline__ void segment_range(int nb, int k_tiles, int tiles_per_cta, int& first, int& count) {
+  first = nb * k_tiles / tiles_per_cta;
+  count = (nb * k_tiles + k_tiles - 1) / tiles_per_cta - first + 1;
+}
+
+// C[row, col] = sum over the segments of col's column block, in segment order, for split column blocks.
+template <typename T>  // half or __nv_bfloat16: element type of C
+__global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_segs, 32, 64] partial sums
+                              T* __restrict__ c,                  // [m, n] output
+                              int m,                              // rows, 1..32
+                              int n,                              // columns, multiple of 64
+                              int k_tiles,                        // k / 64
+                              int tiles_per_cta,                  // run length of the gemm launch
+                              int strips_per_block,               // 64-column strips per column block
+                              int max_segs) {                     // segment slots per strip
+  using T2 = typename Traits<T>::T2;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // one column pair of one row
+  if (idx >= m * (n / 2)) return;
+  const int row = idx / (n / 2), col = 2 * (idx % (n / 2));
+  const int strip = col / 64;
+  int first = 0, n_segs = 0;
+  segment_range(strip / strips_per_block, k_tiles, tiles_per_cta, first, n_segs);
+  if (n_segs == 1) return;  // written by the gemm kernel
+  const float* src = scratch + static_cast<size_t>(strip * max_segs) * (kMaxRows * 64) + row * 64 + col % 64;
+  float2 sum = make_float2(0.f, 0.f);
+#pragma unroll 8
+  for (int s = 0; s < n_segs; ++s) {
+    const float2 v = __ldcg(reinterpret_cast<const float2*>(src + static_cast<size_t>(s) * (kMaxRows * 64)));
+    sum.x += v.x;
+    sum.y += v.y;
+  }
+  *reinterpret_cast<T2*>(c + static_cast<size_t>(row) * n + col) = Traits<T>::pack2(sum.x, sum.y);
 }
 
 // Fused dequantize + matrix product.
@@ -173,7 +160,6 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
                 const int4* __restrict__ qweight,  // [k/16, n/2] packed codes as 16-byte vectors
                 const T* __restrict__ scales,      // [k/group, n] or [1, n], Marlin-permuted columns
                 T* __restrict__ c,                 // [m, n] output
-                int* __restrict__ locks,           // [n/64] arrival counters, zero on entry and exit
                 float* __restrict__ scratch,       // [n/64, max_segs, 32, 64] fp32 partial sums
                 int m,                             // rows of A and C, 1..16*M_BLOCKS
                 int n,                             // columns of C, multiple of 64
@@ -313,10 +299,9 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
         fold_group<T, M_BLOCKS>(acc, grp, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
       }
       if (seg_end) {
-        const int first_cta = nb * k_tiles / tiles_per_cta;
-        const int last_cta = (nb * k_tiles + k_tiles - 1) / tiles_per_cta;
-        finish_segment<T, M_BLOCKS>(acc, grp, c, locks, scratch, m, n, strip, blockIdx.x - first_cta,
-                                    last_cta - first_cta + 1, max_segs, lane);
+        int first = 0, n_segs = 0;
+        segment_range(nb, k_tiles, tiles_per_cta, first, n_segs);
+        finish_segment<T, M_BLOCKS>(acc, c, scratch, m, n, strip, blockIdx.x - first, n_segs == 1, max_segs, lane);
 #pragma unroll
         for (int b = 0; b < M_BLOCKS; ++b)
 #pragma unroll
@@ -379,7 +364,7 @@ Plan make_plan(int n, int k, int ctas, int tile_n) {
 }
 
 template <typename T, int M_BLOCKS>
-int launch(const T* a, const int4* qweight, const T* scales, T* c, int* locks, float* scratch, int m, int n, int k,
+int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n, int k,
            int lda, int group, int per_channel, int sms, cudaStream_t stream) {
   using C = Config<M_BLOCKS>;
   auto kernel = gemm_kernel<T, M_BLOCKS, C::kWarps, C::kStages, C::kBlocksPerSm>;
@@ -388,25 +373,33 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, int* locks, f
     return MARLIN_ERR_LAUNCH;
   }
   const Plan plan = make_plan(n, k, sms * C::kBlocksPerSm, 64 * C::kWarps);
-  kernel<<<plan.grid, 32 * C::kWarps, smem, stream>>>(a, qweight, scales, c, locks, scratch, m, n, k, lda, group,
+  kernel<<<plan.grid, 32 * C::kWarps, smem, stream>>>(a, qweight, scales, c, scratch, m, n, k, lda, group,
                                                        per_channel, plan.tiles_per_cta, plan.max_segs);
-  return cudaGetLastError() == cudaSuccess ? MARLIN_OK : MARLIN_ERR_LAUNCH;
+  if (cudaGetLastError() != cudaSuccess) return MARLIN_ERR_LAUNCH;
+  const int k_tiles = k / kTileK;
+  if (plan.tiles_per_cta % k_tiles != 0) {  // some column block is split into segments
+    const int threads = 256, pairs = m * (n / 2);
+    reduce_kernel<T><<<(pairs + threads - 1) / threads, threads, 0, stream>>>(
+        scratch, c, m, n, k_tiles, plan.tiles_per_cta, C::kWarps, plan.max_segs);
+    if (cudaGetLastError() != cudaSuccess) return MARLIN_ERR_LAUNCH;
+  }
+  return MARLIN_OK;
 }
 
 // Instantiated configurations: {fp16, bf16} x {one, two m16 row blocks} (Config above). Two row blocks
 // bound the registers (running sum + group sum = 128 fp32 per thread at two); larger m is processed 32
 // rows per launch, re-reading the weights (the op switches to dequantize + cuBLAS for large m).
 template <typename T>
-int gemm_rows(const T* a, const int4* qweight, const T* scales, T* c, int* locks, float* scratch, int m, int n,
+int gemm_rows(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n,
               int k, int lda, int group, int per_channel, int sms, cudaStream_t stream) {
   for (int m0 = 0; m0 < m; m0 += kMaxRows) {
     const int rows = m - m0 < kMaxRows ? m - m0 : kMaxRows;
     const T* a_rows = a + static_cast<size_t>(m0) * lda;
     T* c_rows = c + static_cast<size_t>(m0) * n;
     const int status =
-        rows <= 16 ? launch<T, 1>(a_rows, qweight, scales, c_rows, locks, scratch, rows, n, k, lda, group,
+        rows <= 16 ? launch<T, 1>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
                                   per_channel, sms, stream)
-                   : launch<T, 2>(a_rows, qweight, scales, c_rows, locks, scratch, rows, n, k, lda, group,
+                   : launch<T, 2>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
                                   per_channel, sms, stream);
     if (status != MARLIN_OK) return status;
   }
@@ -440,7 +433,7 @@ size_t marlin_scratch_bytes(int n, int k, int sms) {
   return static_cast<size_t>(n / 64) * p.max_segs * marlin::kMaxRows * 64 * sizeof(float);
 }
 
-int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void* c, int32_t* locks, float* scratch,
+int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void* c, float* scratch,
                 size_t scratch_bytes, int m, int n, int k, int lda, int group_size, int dtype, int sms,
                 cudaStream_t stream) {
   if (m < 1) return MARLIN_ERR_M;
@@ -462,9 +455,9 @@ int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void*
   const int4* q = reinterpret_cast<const int4*>(qweight);
   if (dtype == MARLIN_FP16) {
     return marlin::gemm_rows(static_cast<const half*>(a), q, static_cast<const half*>(scales), static_cast<half*>(c),
-                             locks, scratch, m, n, k, lda, group, per_channel ? 1 : 0, sms, stream);
+                             scratch, m, n, k, lda, group, per_channel ? 1 : 0, sms, stream);
   }
   return marlin::gemm_rows(static_cast<const __nv_bfloat16*>(a), q, static_cast<const __nv_bfloat16*>(scales),
-                           static_cast<__nv_bfloat16*>(c), locks, scratch, m, n, k, lda, group, per_channel ? 1 : 0,
+                           static_cast<__nv_bfloat16*>(c), scratch, m, n, k, lda, group, per_channel ? 1 : 0,
                            sms, stream);
 }

@@ -44,11 +44,11 @@ size_t marlin_scratch_bytes(int n, int k, int sms);
 //   qweight  int32 [k/16, 2n] Marlin-packed codes; 16-byte aligned
 //   scales   [k/g, n] or [1, n] (group_size == -1), dtype of a, Marlin-permuted; 16-byte aligned
 //   c        [m, n] output, dtype of a; every element is written
-//   locks    int32 [n/64], all zero on entry; the kernel leaves them zero (safe to reuse and to capture)
-//   scratch  fp32 buffer of at least scratch_bytes >= marlin_scratch_bytes(n, k, sms); contents ignored
+//   scratch  fp32 buffer of at least scratch_bytes >= marlin_scratch_bytes(n, k, sms); contents ignored;
+//            no state is kept between calls (safe to capture in CUDA graphs)
 //   sms      number of thread blocks to spread the work over (the device's multiprocessor count)
-int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void* c, int32_t* locks,
-                float* scratch, size_t scratch_bytes, int m, int n, int k, int lda, int group_size, int dtype,
+int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void* c, float* scratch,
+                size_t scratch_bytes, int m, int n, int k, int lda, int group_size, int dtype,
                 int sms, cudaStream_t stream);
 
 // out[k, n] = dequant(B) in the activation dtype ((q - 8) * s computed in fp32, then rounded), natural

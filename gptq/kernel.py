@@ -5,7 +5,10 @@ on first use and cached by torch); on any other device it computes the reference
 :func:`gptq.format.reference_matmul`, so the same calls and tests run everywhere. The op has a fake (meta)
 implementation, so it traces under ``torch.compile`` and can be captured in CUDA graphs.
 
-Public API: :func:`marlin_gemm`, :func:`make_workspace`, :func:`kernel_available`.
+The op keeps no state between calls: its fp32 split-k scratch comes from torch's caching allocator on
+each call (inside a CUDA graph, from the graph's pool).
+
+Public API: :func:`marlin_gemm`, :func:`kernel_available`.
 """
 
 from __future__ import annotations
@@ -96,15 +99,6 @@ def kernel_available() -> bool:
     return True
 
 
-def make_workspace(n_pad: int, device: torch.device | str) -> torch.Tensor:
-    """The kernel's arrival counters for output width ``n_pad``: int32 [n_pad / 64] zeros.
-
-    The kernel leaves them zero, so one workspace can serve every call on one stream (a layer keeps its
-    own); calls running concurrently on different streams need different workspaces.
-    """
-    return torch.zeros(max(n_pad // 64, 1), dtype=torch.int32, device=device)
-
-
 def check_inputs(
     a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> tuple[int, int, int]:
@@ -154,13 +148,12 @@ def uses_dense_path(m: int, dtype: torch.dtype, path: int) -> bool:
     return path == PATH_DENSE or (path == PATH_AUTO and dtype == torch.float16 and m >= DENSE_MIN_ROWS)
 
 
-@torch.library.custom_op("marlin::gemm", mutates_args=("workspace",))
+@torch.library.custom_op("marlin::gemm", mutates_args=())
 def _gemm(
     a: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
     group_size: int,
-    workspace: torch.Tensor,
     path: int,
 ) -> torch.Tensor:
     """Non-CUDA devices: the reference product (float32 accumulation), cast to ``a.dtype``."""
@@ -174,14 +167,13 @@ def _gemm_cuda(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     group_size: int,
-    workspace: torch.Tensor,
     path: int,
 ) -> torch.Tensor:
     m, _, _ = check_inputs(a, qweight, scales, group_size)
     ext = _extension()
     if uses_dense_path(m, a.dtype, path):
         return a @ _checked(ext.dequantize(qweight, scales, group_size))
-    return _checked(ext.gemm(a, qweight, scales, group_size, workspace))
+    return _checked(ext.gemm(a, qweight, scales, group_size))
 
 
 @_gemm.register_fake
@@ -190,7 +182,6 @@ def _gemm_fake(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     group_size: int,
-    workspace: torch.Tensor,
     path: int,
 ) -> torch.Tensor:
     m, _, n_pad = check_inputs(a, qweight, scales, group_size)
@@ -202,7 +193,6 @@ def marlin_gemm(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     group_size: int,
-    workspace: torch.Tensor | None = None,
     path: int = PATH_AUTO,
 ) -> torch.Tensor:
     """``a @ dequant(B)`` for B packed in the Marlin format (:mod:`gptq.format`), fp32 accumulation.
@@ -215,8 +205,6 @@ def marlin_gemm(
         scales: [K_pad / group_size, N_pad] (or [1, N_pad] when ``group_size == -1``), same dtype as ``a``,
             columns permuted as :mod:`gptq.format` documents.
         group_size: 32, 64, 128, or -1 for one scale per output column.
-        workspace: int32 [N_pad / 64] zeros from :func:`make_workspace`, left zero by the kernel; allocated
-            per call when None (a layer should keep one). Unused off CUDA.
         path: PATH_AUTO (default), PATH_FUSED (the fused kernel at any M) or PATH_DENSE (dequantize into a
             dense [K_pad, N_pad] matrix, then cuBLAS); only affects CUDA.
 
@@ -235,7 +223,5 @@ def marlin_gemm(
     _, _, n_pad = check_inputs(a2, qweight, scales, group_size)
     if path not in (PATH_AUTO, PATH_FUSED, PATH_DENSE):
         raise ValueError(f"path must be PATH_AUTO (0), PATH_FUSED (1) or PATH_DENSE (2), got {path}")
-    if workspace is None:
-        workspace = make_workspace(n_pad, a.device)
-    out = torch.ops.marlin.gemm(a2, qweight, scales, group_size, workspace, path)
+    out = torch.ops.marlin.gemm(a2, qweight, scales, group_size, path)
     return out.reshape(*lead, n_pad)

@@ -92,19 +92,18 @@ def bench_shape(model: str, k: int, n: int, batches: tuple[int, ...], gen: torch
         (torch.rand(k // GROUP, n, generator=gen, device=dev) * 0.01 + 1e-3).half() for _ in range(q_copies)
     ]
     dense = [(torch.randn(k, n, generator=gen, device=dev) * 0.02).half() for _ in range(h_copies)]
-    ws = kernel.make_workspace(n, dev)
     rows = []
     for m in batches:
         a = torch.randn(m, k, generator=gen, device=dev).half()
         fp16 = _graph_time_us(lambda i, a=a: torch.matmul(a, dense[i]), h_copies)
         fused = _graph_time_us(
-            lambda i, a=a: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, ws, kernel.PATH_FUSED),
+            lambda i, a=a: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, kernel.PATH_FUSED),
             q_copies,
         )
         dense_us = None
         if m >= 32:
             dense_us = _graph_time_us(
-                lambda i, a=a: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, ws, kernel.PATH_DENSE),
+                lambda i, a=a: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, kernel.PATH_DENSE),
                 q_copies,
             )
         auto_dense = kernel.uses_dense_path(m, torch.float16, kernel.PATH_AUTO)

@@ -51,17 +51,15 @@ def test_batch_dims_are_flattened() -> None:
 def test_fake_impl_shape() -> None:
     qweight, scales, shape = _packed(256, 192, 128, torch.float16, seed=2)
     a = torch.randn(7, shape.k_pad).half()
-    ws = kernel.make_workspace(shape.n_pad, "cpu")
-    meta = [t.to("meta") for t in (a, qweight, scales, ws)]
-    out = torch.ops.marlin.gemm(meta[0], meta[1], meta[2], 128, meta[3], kernel.PATH_AUTO)
+    meta = [t.to("meta") for t in (a, qweight, scales)]
+    out = torch.ops.marlin.gemm(meta[0], meta[1], meta[2], 128, kernel.PATH_AUTO)
     assert out.shape == (7, shape.n_pad) and out.dtype == torch.float16 and out.device.type == "meta"
 
 
 def test_opcheck_cpu() -> None:
     qweight, scales, shape = _packed(128, 128, 32, torch.float16, seed=3)
     a = torch.randn(4, shape.k_pad).half()
-    ws = kernel.make_workspace(shape.n_pad, "cpu")
-    torch.library.opcheck(torch.ops.marlin.gemm.default, (a, qweight, scales, 32, ws, kernel.PATH_AUTO))
+    torch.library.opcheck(torch.ops.marlin.gemm.default, (a, qweight, scales, 32, kernel.PATH_AUTO))
 
 
 def _bad_cases() -> list[tuple[str, dict, str]]:

@@ -54,11 +54,10 @@ def _poisoned_call(
 ) -> torch.Tensor:
     """Fill the blocks the output can get from the caching allocator with NaN, then call the kernel."""
     n_pad = qweight.shape[1] // 2
-    ws = kernel.make_workspace(n_pad, a.device)  # allocated first, so it cannot take a poisoned block
     poison = [torch.full((a.shape[0], n_pad), float("nan"), dtype=a.dtype, device=a.device) for _ in range(4)]
     ptrs = {p.data_ptr() for p in poison}
     del poison
-    out = kernel.marlin_gemm(a, qweight, scales, g, ws, path=path)
+    out = kernel.marlin_gemm(a, qweight, scales, g, path=path)
     if not kernel.uses_dense_path(a.shape[0], a.dtype, path):
         assert out.data_ptr() in ptrs, "the output did not reuse a poisoned block; the poison check is void"
     assert not torch.isnan(out).any(), "some output elements were never written"
@@ -115,25 +114,22 @@ def test_dequantize_matches_format() -> None:
 
 
 @pytest.mark.parametrize("m", (1, 16, 31, 118))
-def test_repeat_determinism_and_workspace_left_zero(m: int) -> None:
+def test_repeat_determinism(m: int) -> None:
     a, qweight, scales = _case(m, 4096, 4096, 128, torch.float16, seed=11)
-    ws = kernel.make_workspace(4096, "cuda")
-    first = kernel.marlin_gemm(a, qweight, scales, 128, ws)
+    first = kernel.marlin_gemm(a, qweight, scales, 128)
     for _ in range(5):
-        assert torch.equal(kernel.marlin_gemm(a, qweight, scales, 128, ws), first)
-    assert int(ws.abs().sum()) == 0
+        assert torch.equal(kernel.marlin_gemm(a, qweight, scales, 128), first)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_cuda_graph_capture(dtype: torch.dtype) -> None:
     a, qweight, scales = _case(16, 1024, 2048, 128, dtype, seed=12)
-    ws = kernel.make_workspace(2048, "cuda")
     static_a = a.clone()
-    kernel.marlin_gemm(static_a, qweight, scales, 128, ws)  # warm up (and build) outside the capture
+    kernel.marlin_gemm(static_a, qweight, scales, 128)  # warm up (and build) outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = kernel.marlin_gemm(static_a, qweight, scales, 128, ws)
+        static_out = kernel.marlin_gemm(static_a, qweight, scales, 128)
     for seed in range(3):
         fresh = torch.randn(
             a.shape, generator=torch.Generator(device="cuda").manual_seed(seed), device="cuda"
@@ -141,15 +137,14 @@ def test_cuda_graph_capture(dtype: torch.dtype) -> None:
         static_a.copy_(fresh.to(dtype))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static_out, kernel.marlin_gemm(static_a, qweight, scales, 128, ws))
+        assert torch.equal(static_out, kernel.marlin_gemm(static_a, qweight, scales, 128))
 
 
 def test_torch_compile() -> None:
     a, qweight, scales = _case(8, 512, 256, 64, torch.float16, seed=13)
-    ws = kernel.make_workspace(256, "cuda")
 
     def f(x: torch.Tensor) -> torch.Tensor:
-        return kernel.marlin_gemm(x * 2, qweight, scales, 64, ws) + 1
+        return kernel.marlin_gemm(x * 2, qweight, scales, 64) + 1
 
     compiled = torch.compile(f, fullgraph=True)
     assert torch.equal(compiled(a), f(a))
@@ -158,8 +153,7 @@ def test_torch_compile() -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_opcheck(dtype: torch.dtype) -> None:
     a, qweight, scales = _case(5, 256, 192, 128, dtype, seed=14)
-    ws = kernel.make_workspace(192, "cuda")
-    torch.library.opcheck(torch.ops.marlin.gemm.default, (a, qweight, scales, 128, ws, kernel.PATH_FUSED))
+    torch.library.opcheck(torch.ops.marlin.gemm.default, (a, qweight, scales, 128, kernel.PATH_FUSED))
 
 
 def test_bad_inputs_raise_before_launch() -> None:
@@ -171,13 +165,10 @@ def test_bad_inputs_raise_before_launch() -> None:
     with pytest.raises(ValueError, match="packs K_pad=256"):
         kernel.marlin_gemm(a[:, :192], qweight, scales, 64)
     ext = kernel._extension()
-    ws = kernel.make_workspace(128, "cuda")
     wide = torch.randn(4, 512, device="cuda").half()
     with pytest.raises(ValueError, match="a must be a contiguous 2-D"):
-        kernel._checked(ext.gemm(wide[:, ::2], qweight, scales, 64, ws))
+        kernel._checked(ext.gemm(wide[:, ::2], qweight, scales, 64))
     with pytest.raises(ValueError, match="scales must be"):
-        kernel._checked(ext.gemm(a, qweight, scales[:2], 64, ws))
-    with pytest.raises(ValueError, match="workspace must be"):
-        kernel._checked(ext.gemm(a, qweight, scales, 64, ws[:1]))
+        kernel._checked(ext.gemm(a, qweight, scales[:2], 64))
     with pytest.raises(ValueError, match="K=256"):
-        kernel._checked(ext.gemm(a[:, :128].contiguous(), qweight, scales, 64, ws))
+        kernel._checked(ext.gemm(a[:, :128].contiguous(), qweight, scales, 64))

@@ -140,11 +140,22 @@ __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_
   if (n_segs == 1) return;  // written by the gemm kernel
   const float* src = scratch + static_cast<size_t>(strip * max_segs) * (kMaxRows * 64) + row * 64 + col % 64;
   float2 sum = make_float2(0.f, 0.f);
-#pragma unroll 8
-  for (int s = 0; s < n_segs; ++s) {
-    const float2 v = __ldcg(reinterpret_cast<const float2*>(src + static_cast<size_t>(s) * (kMaxRows * 64)));
-    sum.x += v.x;
-    sum.y += v.y;
+  constexpr int kBatch = 16;  // loads in flight at once (a split has at most kMaxSplit + 1 segments)
+  for (int s0 = 0; s0 < n_segs; s0 += kBatch) {
+    float2 v[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (s0 + i < n_segs) {
+        v[i] = __ldcg(reinterpret_cast<const float2*>(src + static_cast<size_t>(s0 + i) * (kMaxRows * 64)));
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (s0 + i < n_segs) {
+        sum.x += v[i].x;
+        sum.y += v[i].y;
+      }
+    }
   }
   *reinterpret_cast<T2*>(c + static_cast<size_t>(row) * n + col) = Traits<T>::pack2(sum.x, sum.y);
 }
@@ -205,20 +216,40 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   const uint32_t s_dst = sh_base + 16 * (L::kB + L::kA + s_row * (kTileN / 8) + s_chunk);
   const int tiles_shift = tiles_per_group == 2 ? 1 : 0;  // group 128: two tiles per scale row
 
-  // Issue the copies of unit (nb, kt) into shared-memory stage `stage`.
-  auto fetch = [&](int nb, int kt, int stage) {
-    const uint32_t off = stage * kStageBytes;
+  // Fetch cursor: the next unit (f_nb, f_kt) to copy and this thread's global source addresses for it,
+  // advanced incrementally (recomputed only when the run moves to the next column block).
+  const size_t b_tile_step = static_cast<size_t>(kStrips) * n_words;  // 16-byte vectors per k tile
+  int f_nb = 0, f_kt = 0;
+  bool f_b_ok = false, f_s_ok = false;
+  const int4* f_b = qweight;  // this lane's first weight vector of the unit
+  const T* f_a = a_src;       // this thread's activation vector
+  const T* f_s_col = scales;  // this thread's scale column (row 0)
+  auto scale_row = [&](int kt) { return per_channel ? 0 : (group32 ? 2 * kt + s_row : kt >> tiles_shift); };
+  auto seek = [&](int nb, int kt) {
+    f_nb = nb;
+    f_kt = kt;
     const int strip = nb * kWarps + warp;
-    if (strip < n_strips) {
-      const int4* src = qweight + static_cast<size_t>(kt * kStrips) * n_words + strip * 32 + lane;
+    f_b_ok = strip < n_strips;
+    f_b = qweight + kt * b_tile_step + strip * 32 + lane;
+    f_a = a_src + kt * kTileK;
+    const int col = nb * kTileN + s_chunk * 8;
+    f_s_ok = s_loader && col < n;
+    f_s_col = scales + col;
+  };
+  // Issue the copies of the cursor's unit into shared-memory stage `stage`, then advance the cursor.
+  auto fetch_next = [&](int stage) {
+    const uint32_t off = stage * kStageBytes;
+    if (f_b_ok) {
 #pragma unroll
-      for (int i = 0; i < kStrips; ++i) cp_async16(b_dst + off + 16 * 32 * i, src + i * n_words);
+      for (int i = 0; i < kStrips; ++i) cp_async16(b_dst + off + 16 * 32 * i, f_b + i * n_words);
     }
-    if (a_loader) cp_async16_zfill(a_dst + off, a_src + kt * kTileK, a_valid);
-    if (s_loader) {
-      const int col = nb * kTileN + s_chunk * 8;
-      const int srow = per_channel ? 0 : (group32 ? 2 * kt + s_row : kt >> tiles_shift);
-      if (col < n) cp_async16(s_dst + off, scales + static_cast<size_t>(srow) * n + col);
+    if (a_loader) cp_async16_zfill(a_dst + off, f_a, a_valid);
+    if (f_s_ok) cp_async16(s_dst + off, f_s_col + static_cast<size_t>(scale_row(f_kt)) * n);
+    if (++f_kt == k_tiles) {
+      seek(f_nb + 1, 0);
+    } else {
+      f_b += b_tile_step;
+      f_a += kTileK;
     }
   };
 
@@ -244,15 +275,14 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[b][j][e] = grp[b][j][e] = 0.f;
 
-  // Pipeline prologue: STAGES-1 units in flight. (f_nb, f_kt) is the next unit to fetch.
-  int f_nb = begin / k_tiles, f_kt = begin - f_nb * k_tiles;
+  // Pipeline prologue: STAGES-1 units in flight.
   int f_left = end - begin;
+  seek(begin / k_tiles, begin % k_tiles);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (f_left > 0) {
-      fetch(f_nb, f_kt, s);
+      fetch_next(s);
       --f_left;
-      if (++f_kt == k_tiles) f_kt = 0, ++f_nb;
     }
     cp_async_commit();
   }
@@ -263,9 +293,8 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     if (f_left > 0) {
-      fetch(f_nb, f_kt, f_stage);
+      fetch_next(f_stage);
       --f_left;
-      if (++f_kt == k_tiles) f_kt = 0, ++f_nb;
     }
     cp_async_commit();
     if (++f_stage == STAGES) f_stage = 0;
@@ -320,7 +349,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 // x warps x 2 KB; HBM needs roughly 3 TB/s x 2 us / 132 SMs = 45 KB per SM to stay busy.
 // One row block fits in 124 registers: 4 blocks of 4 warps per SM (4 warps per scheduler to hide the
 // dequantization latency; 256-column blocks so that small matrices need less split-k). Two row blocks
-// need ~230 registers: one block of 8 warps per SM with a deeper pipeline.
+// need ~210 registers: 2 blocks of 4 warps per SM.
 template <int M_BLOCKS>
 struct Config;
 template <>
@@ -331,9 +360,9 @@ struct Config<1> {
 };
 template <>
 struct Config<2> {
-  static constexpr int kWarps = 8;
-  static constexpr int kStages = 6;
-  static constexpr int kBlocksPerSm = 1;
+  static constexpr int kWarps = 4;
+  static constexpr int kStages = 4;
+  static constexpr int kBlocksPerSm = 2;
 };
 
 // Largest number of blocks any configuration launches per SM, and the narrowest column block (both

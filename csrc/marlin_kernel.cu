@@ -202,15 +202,23 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 
   // Copy addresses. Each thread issues per tile: kStrips weight vectors of its warp's strip, at most one
   // activation vector (row a_row, 8 columns) and at most one scale vector; all advance incrementally.
-  static_assert(L::kA <= 32 * WARPS, "one activation copy per thread");
+  constexpr int kAPerThread = (L::kA + 32 * WARPS - 1) / (32 * WARPS);  // activation copies per thread
+  static_assert(L::kA % (32 * WARPS) == 0 || kAPerThread == 1, "activation copies must tile the threads");
   const uint32_t sh_base = smem_addr(smem);
   constexpr uint32_t kStageBytes = 16 * L::kStage;
   const uint32_t b_dst = sh_base + 16 * ((warp * kStrips) * 32 + lane);
-  const int a_row = tid / 8, a_chunk = tid % 8;
+  const int a_chunk = tid % 8;
   const bool a_loader = tid < L::kA;
-  const bool a_valid = a_loader && a_row < m;
-  const T* a_src = a + static_cast<size_t>(a_valid ? a_row : 0) * lda + a_chunk * 8;
-  const uint32_t a_dst = sh_base + 16 * (L::kB + a_row * 8 + (a_chunk ^ (a_row % 8)));
+  bool a_valid[kAPerThread];
+  const T* a_src[kAPerThread];
+  uint32_t a_dst[kAPerThread];
+#pragma unroll
+  for (int r = 0; r < kAPerThread; ++r) {
+    const int a_row = (tid + r * 32 * WARPS) / 8;
+    a_valid[r] = a_loader && a_row < m;
+    a_src[r] = a + static_cast<size_t>(a_valid[r] ? a_row : 0) * lda + a_chunk * 8;
+    a_dst[r] = sh_base + 16 * (L::kB + a_row * 8 + (a_chunk ^ (a_row % 8)));
+  }
   const bool s_loader = tid < scale_rows * (kTileN / 8);
   const int s_row = tid / (kTileN / 8), s_chunk = tid % (kTileN / 8);
   const uint32_t s_dst = sh_base + 16 * (L::kB + L::kA + s_row * (kTileN / 8) + s_chunk);
@@ -222,7 +230,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   int f_nb = 0, f_kt = 0;
   bool f_b_ok = false, f_s_ok = false;
   const int4* f_b = qweight;  // this lane's first weight vector of the unit
-  const T* f_a = a_src;       // this thread's activation vector
+  int f_a = 0;                // column offset of the unit in A
   const T* f_s_col = scales;  // this thread's scale column (row 0)
   auto scale_row = [&](int kt) { return per_channel ? 0 : (group32 ? 2 * kt + s_row : kt >> tiles_shift); };
   auto seek = [&](int nb, int kt) {
@@ -231,7 +239,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     const int strip = nb * kWarps + warp;
     f_b_ok = strip < n_strips;
     f_b = qweight + kt * b_tile_step + strip * 32 + lane;
-    f_a = a_src + kt * kTileK;
+    f_a = kt * kTileK;
     const int col = nb * kTileN + s_chunk * 8;
     f_s_ok = s_loader && col < n;
     f_s_col = scales + col;
@@ -243,7 +251,10 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
       for (int i = 0; i < kStrips; ++i) cp_async16(b_dst + off + 16 * 32 * i, f_b + i * n_words);
     }
-    if (a_loader) cp_async16_zfill(a_dst + off, f_a, a_valid);
+    if (a_loader) {
+#pragma unroll
+      for (int r = 0; r < kAPerThread; ++r) cp_async16_zfill(a_dst[r] + off, a_src[r] + f_a, a_valid[r]);
+    }
     if (f_s_ok) cp_async16(s_dst + off, f_s_col + static_cast<size_t>(scale_row(f_kt)) * n);
     if (++f_kt == k_tiles) {
       seek(f_nb + 1, 0);

@@ -131,6 +131,8 @@ __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_
                               int strips_per_block,               // 64-column strips per column block
                               int max_segs) {                     // segment slots per strip
   using T2 = typename Traits<T>::T2;
+  grid_dependency_wait();  // the gemm kernel's partial sums
+  launch_dependents();
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // one column pair of one row
   if (idx >= m * (n / 2)) return;
   const int row = idx / (n / 2), col = 2 * (idx % (n / 2));
@@ -244,18 +246,25 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     f_s_ok = s_loader && col < n;
     f_s_col = scales + col;
   };
-  // Issue the copies of the cursor's unit into shared-memory stage `stage`, then advance the cursor.
-  auto fetch_next = [&](int stage) {
+  // Copies of the cursor's unit into shared-memory stage `stage`: weights and scales, and the activations
+  // at column offset a_col.
+  auto fetch_weights = [&](int stage) {
     const uint32_t off = stage * kStageBytes;
     if (f_b_ok) {
 #pragma unroll
       for (int i = 0; i < kStrips; ++i) cp_async16(b_dst + off + 16 * 32 * i, f_b + i * n_words);
     }
+    if (f_s_ok) cp_async16(s_dst + off, f_s_col + static_cast<size_t>(scale_row(f_kt)) * n);
+  };
+  auto fetch_activations = [&](int stage, int a_col) {
     if (a_loader) {
 #pragma unroll
-      for (int r = 0; r < kAPerThread; ++r) cp_async16_zfill(a_dst[r] + off, a_src[r] + f_a, a_valid[r]);
+      for (int r = 0; r < kAPerThread; ++r) {
+        cp_async16_zfill(a_dst[r] + stage * kStageBytes, a_src[r] + a_col, a_valid[r]);
+      }
     }
-    if (f_s_ok) cp_async16(s_dst + off, f_s_col + static_cast<size_t>(scale_row(f_kt)) * n);
+  };
+  auto advance = [&]() {
     if (++f_kt == k_tiles) {
       seek(f_nb + 1, 0);
     } else {
@@ -286,13 +295,20 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[b][j][e] = grp[b][j][e] = 0.f;
 
+  // Wait for the previous kernel in the stream (programmatic dependent launch): this block's launch and
+  // address setup overlapped its tail, but any of the inputs may be its output. (Prefetching weights
+  // before the wait would be faster but wrong when the previous kernel wrote them.)
+  grid_dependency_wait();
+
   // Pipeline prologue: STAGES-1 units in flight.
   int f_left = end - begin;
   seek(begin / k_tiles, begin % k_tiles);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (f_left > 0) {
-      fetch_next(s);
+      fetch_weights(s);
+      fetch_activations(s, f_a);
+      advance();
       --f_left;
     }
     cp_async_commit();
@@ -304,7 +320,9 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     if (f_left > 0) {
-      fetch_next(f_stage);
+      fetch_weights(f_stage);
+      fetch_activations(f_stage, f_a);
+      advance();
       --f_left;
     }
     cp_async_commit();
@@ -353,6 +371,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     if (++stage == STAGES) stage = 0;
     if (++kt == k_tiles) kt = 0, ++nb;
   }
+  launch_dependents();
   cp_async_wait<0>();
 }
 
@@ -403,9 +422,27 @@ Plan make_plan(int n, int k, int ctas, int tile_n) {
   return p;
 }
 
+// Launch with programmatic stream serialization when `pdl` (sm_90+): the kernel may start while the
+// previous kernel in the stream finishes, and waits for it (grid_dependency_wait) before using its data.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, int smem, cudaStream_t stream, bool pdl,
+                          Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 template <typename T, int M_BLOCKS>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n, int k,
-           int lda, int group, int per_channel, int sms, cudaStream_t stream) {
+           int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
   using C = Config<M_BLOCKS>;
   auto kernel = gemm_kernel<T, M_BLOCKS, C::kWarps, C::kStages, C::kBlocksPerSm>;
   constexpr int smem = smem_bytes<M_BLOCKS, C::kWarps, C::kStages>();
@@ -413,15 +450,18 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
     return MARLIN_ERR_LAUNCH;
   }
   const Plan plan = make_plan(n, k, sms * C::kBlocksPerSm, 64 * C::kWarps);
-  kernel<<<plan.grid, 32 * C::kWarps, smem, stream>>>(a, qweight, scales, c, scratch, m, n, k, lda, group,
-                                                       per_channel, plan.tiles_per_cta, plan.max_segs);
-  if (cudaGetLastError() != cudaSuccess) return MARLIN_ERR_LAUNCH;
+  if (launch_kernel(kernel, plan.grid, 32 * C::kWarps, smem, stream, pdl, a, qweight, scales, c, scratch, m, n, k,
+                    lda, group, per_channel, plan.tiles_per_cta, plan.max_segs) != cudaSuccess) {
+    return MARLIN_ERR_LAUNCH;
+  }
   const int k_tiles = k / kTileK;
   if (plan.tiles_per_cta % k_tiles != 0) {  // some column block is split into segments
     const int threads = 256, pairs = m * (n / 2);
-    reduce_kernel<T><<<(pairs + threads - 1) / threads, threads, 0, stream>>>(
-        scratch, c, m, n, k_tiles, plan.tiles_per_cta, C::kWarps, plan.max_segs);
-    if (cudaGetLastError() != cudaSuccess) return MARLIN_ERR_LAUNCH;
+    if (launch_kernel(reduce_kernel<T>, (pairs + threads - 1) / threads, threads, 0, stream, pdl,
+                      static_cast<const float*>(scratch), c, m, n, k_tiles, plan.tiles_per_cta, C::kWarps,
+                      plan.max_segs) != cudaSuccess) {
+      return MARLIN_ERR_LAUNCH;
+    }
   }
   return MARLIN_OK;
 }
@@ -431,16 +471,16 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
 // rows per launch, re-reading the weights (the op switches to dequantize + cuBLAS for large m).
 template <typename T>
 int gemm_rows(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n,
-              int k, int lda, int group, int per_channel, int sms, cudaStream_t stream) {
+              int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
   for (int m0 = 0; m0 < m; m0 += kMaxRows) {
     const int rows = m - m0 < kMaxRows ? m - m0 : kMaxRows;
     const T* a_rows = a + static_cast<size_t>(m0) * lda;
     T* c_rows = c + static_cast<size_t>(m0) * n;
     const int status =
         rows <= 16 ? launch<T, 1>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                  per_channel, sms, stream)
+                                  per_channel, sms, pdl, stream)
                    : launch<T, 2>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                  per_channel, sms, stream);
+                                  per_channel, sms, pdl, stream);
     if (status != MARLIN_OK) return status;
   }
   return MARLIN_OK;
@@ -493,11 +533,17 @@ int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void*
   if (scratch_bytes < marlin_scratch_bytes(n, k, sms)) return MARLIN_ERR_SCRATCH;
   const int group = per_channel ? k : group_size;
   const int4* q = reinterpret_cast<const int4*>(qweight);
+  int device = 0, cc_major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    return MARLIN_ERR_LAUNCH;
+  }
+  const bool pdl = cc_major >= 9;  // programmatic dependent launch
   if (dtype == MARLIN_FP16) {
     return marlin::gemm_rows(static_cast<const half*>(a), q, static_cast<const half*>(scales), static_cast<half*>(c),
-                             scratch, m, n, k, lda, group, per_channel ? 1 : 0, sms, stream);
+                             scratch, m, n, k, lda, group, per_channel ? 1 : 0, sms, pdl, stream);
   }
   return marlin::gemm_rows(static_cast<const __nv_bfloat16*>(a), q, static_cast<const __nv_bfloat16*>(scales),
                            static_cast<__nv_bfloat16*>(c), scratch, m, n, k, lda, group, per_channel ? 1 : 0,
-                           sms, stream);
+                           sms, pdl, stream);
 }

@@ -18,11 +18,13 @@
 #include "marlin_kernel.h"
 #include "marlin_ptx.cuh"
 
+#include <type_traits>
+
 namespace marlin {
 
 constexpr int kStrips = 4;      // k16 strips (16 rows x 64 columns, one 16-byte load per lane) per warp per tile
 constexpr int kTileK = 16 * kStrips;  // k rows per pipeline stage
-constexpr int kMaxRows = 32;    // rows of A per launch (two m16 blocks)
+constexpr int kMaxRows = 64;    // rows of A per launch at most (four m16 blocks)
 
 // Shared memory of one pipeline stage, in 16-byte vectors, for WARPS warps (one 64-column strip each).
 template <int M_BLOCKS, int WARPS>
@@ -82,6 +84,28 @@ __device__ __forceinline__ void fold_group(float (&acc)[M_BLOCKS][8][4], float (
       acc[b][j][3] += s1[j] * grp[b][j][3];
       grp[b][j][0] = grp[b][j][1] = grp[b][j][2] = grp[b][j][3] = 0.f;
     }
+}
+
+// acc *= scale for this lane's columns (per-channel layout, see fold_group).
+template <typename T, int M_BLOCKS>
+__device__ __forceinline__ void scale_per_channel(float (&acc)[M_BLOCKS][8][4], const int4* ss, int lane) {
+  using Tr = Traits<T>;
+  const int4 v0 = ss[lane % 4];
+  const int4 v1 = ss[4 + lane % 4];
+  const T* h0 = reinterpret_cast<const T*>(&v0);
+  const T* h1 = reinterpret_cast<const T*>(&v1);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const T* h = j < 4 ? h0 : h1;
+    const float s0 = Tr::to_float(h[2 * (j % 4)]), s1 = Tr::to_float(h[2 * (j % 4) + 1]);
+#pragma unroll
+    for (int b = 0; b < M_BLOCKS; ++b) {
+      acc[b][j][0] *= s0;
+      acc[b][j][1] *= s1;
+      acc[b][j][2] *= s0;
+      acc[b][j][3] *= s1;
+    }
+  }
 }
 
 // End of a segment for one warp's strip: write the sum to C when the segment is the strip's whole k range,
@@ -167,7 +191,9 @@ template <typename T,     // half or __nv_bfloat16: element type of A, scales an
           int M_BLOCKS,   // m16 row blocks handled (1: m <= 16, 2: m <= 32)
           int WARPS,      // warps per block = 64-column strips per column block (4 or 8)
           int STAGES,     // cp.async pipeline depth, in 64 x (64*WARPS) tiles
-          int MIN_BLOCKS> // thread blocks per SM the register allocation must allow
+          int MIN_BLOCKS, // thread blocks per SM the register allocation must allow
+          bool SCALE_B>   // true: grouped scales multiply the dequantized weights in 16 bits before the
+                          // mma (no per-group fp32 sums: fewer registers, fp16 only); false: fp32 scaling
 __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     gemm_kernel(const T* __restrict__ a,           // [m, lda] activations (first k columns used)
                 const int4* __restrict__ qweight,  // [k/16, n/2] packed codes as 16-byte vectors
@@ -274,8 +300,10 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   };
 
   // Shared-memory read addresses (stage 0): this lane's weight vectors, its ldmatrix rows of A for each
-  // k16 strip, and its warp's scales.
+  // k16 strip, and (SCALE_B) the 8 scales of its B-fragment column lane/4: grouped scales hold column
+  // 8j + i at position 8i + j of each 64, so one 16-byte vector.
   const uint32_t b_src_sh = b_dst;
+  const uint32_t s_src_sh = sh_base + 16 * (L::kB + L::kA + warp * 8 + lane / 4);
   uint32_t a_src_sh[M_BLOCKS][kStrips];
 #pragma unroll
   for (int b = 0; b < M_BLOCKS; ++b)
@@ -333,6 +361,16 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     const int strip = nb * kWarps + warp;
     const bool seg_end = kt == k_tiles - 1 || x == end - 1;
     if (strip < n_strips) {
+      uint32_t sw[2][4] = {};  // SCALE_B: this lane's column scales (8 n8 tiles) of the tile's group rows
+      if (SCALE_B && !per_channel) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (r == 0 || group32) {
+            const uint4 v = lds128(s_src_sh + off + r * 16 * (kTileN / 8));
+            sw[r][0] = v.x, sw[r][1] = v.y, sw[r][2] = v.z, sw[r][3] = v.w;
+          }
+        }
+      }
 #pragma unroll
       for (int i = 0; i < kStrips; ++i) {
         const uint4 bq = lds128(b_src_sh + off + 16 * 32 * i);
@@ -344,16 +382,34 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
         for (int j = 0; j < 4; ++j) {
           uint32_t bf[4];
           Tr::dequant(words[j], bf);
+          if constexpr (SCALE_B) {
+            if (!per_channel) {
+              const uint32_t w = group32 && i >= 2 ? sw[1][j] : sw[0][j];  // scales of n8 tiles 2j, 2j+1
+              const uint32_t s_lo = __byte_perm(w, w, 0x1010), s_hi = __byte_perm(w, w, 0x3232);
+              bf[0] = Tr::mul(bf[0], s_lo);
+              bf[1] = Tr::mul(bf[1], s_lo);
+              bf[2] = Tr::mul(bf[2], s_hi);
+              bf[3] = Tr::mul(bf[3], s_hi);
+            }
 #pragma unroll
-          for (int b = 0; b < M_BLOCKS; ++b) {
-            Tr::mma(grp[b][2 * j], af[b], bf[0], bf[1]);
-            Tr::mma(grp[b][2 * j + 1], af[b], bf[2], bf[3]);
+            for (int b = 0; b < M_BLOCKS; ++b) {
+              Tr::mma(acc[b][2 * j], af[b], bf[0], bf[1]);
+              Tr::mma(acc[b][2 * j + 1], af[b], bf[2], bf[3]);
+            }
+          } else {
+#pragma unroll
+            for (int b = 0; b < M_BLOCKS; ++b) {
+              Tr::mma(grp[b][2 * j], af[b], bf[0], bf[1]);
+              Tr::mma(grp[b][2 * j + 1], af[b], bf[2], bf[3]);
+            }
           }
         }
-        if (i == 1 && group32) fold_group<T, M_BLOCKS>(acc, grp, ss, false, lane);
+        if (!SCALE_B && i == 1 && group32) fold_group<T, M_BLOCKS>(acc, grp, ss, false, lane);
       }
-      // Fold the group sum when the next tile starts another group, or the segment ends.
-      if (seg_end || (!per_channel && (kt + 1) % tiles_per_group == 0)) {
+      if constexpr (SCALE_B) {
+        if (seg_end && per_channel) scale_per_channel<T, M_BLOCKS>(acc, ss, lane);
+      } else if (seg_end || (!per_channel && (kt + 1) % tiles_per_group == 0)) {
+        // Fold the group sum when the next tile starts another group, or the segment ends.
         fold_group<T, M_BLOCKS>(acc, grp, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
       }
       if (seg_end) {
@@ -390,6 +446,13 @@ struct Config<1> {
 };
 template <>
 struct Config<2> {
+  static constexpr int kWarps = 4;
+  static constexpr int kStages = 4;
+  static constexpr int kBlocksPerSm = 2;
+};
+// Four row blocks (fp16 only, scales applied to the weights in 16 bits): ~200 registers.
+template <>
+struct Config<4> {
   static constexpr int kWarps = 4;
   static constexpr int kStages = 4;
   static constexpr int kBlocksPerSm = 2;
@@ -440,11 +503,11 @@ cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, int 
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
-template <typename T, int M_BLOCKS>
+template <typename T, int M_BLOCKS, bool SCALE_B>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n, int k,
            int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
   using C = Config<M_BLOCKS>;
-  auto kernel = gemm_kernel<T, M_BLOCKS, C::kWarps, C::kStages, C::kBlocksPerSm>;
+  auto kernel = gemm_kernel<T, M_BLOCKS, C::kWarps, C::kStages, C::kBlocksPerSm, SCALE_B>;
   constexpr int smem = smem_bytes<M_BLOCKS, C::kWarps, C::kStages>();
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
@@ -466,21 +529,31 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   return MARLIN_OK;
 }
 
-// Instantiated configurations: {fp16, bf16} x {one, two m16 row blocks} (Config above). Two row blocks
-// bound the registers (running sum + group sum = 128 fp32 per thread at two); larger m is processed 32
-// rows per launch, re-reading the weights (the op switches to dequantize + cuBLAS for large m).
+// Instantiated configurations: {fp16, bf16} x {one, two m16 row blocks} with fp32 group scaling, and
+// fp16 x four row blocks with 16-bit weight scaling. Four row blocks with fp32 group sums would need 256
+// accumulator registers; scaling the fp16 weights instead costs ~2e-4 relative error (within the 1e-3
+// budget) but in bf16 ~2e-3, so bf16 stays at two row blocks. Larger m is processed 64 (fp16) or 32
+// (bf16) rows per launch, re-reading the weights; the op switches to dequantize + cuBLAS for large m.
 template <typename T>
 int gemm_rows(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n,
               int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
-  for (int m0 = 0; m0 < m; m0 += kMaxRows) {
-    const int rows = m - m0 < kMaxRows ? m - m0 : kMaxRows;
+  constexpr bool kFp16 = std::is_same<T, half>::value;
+  constexpr int kRowsPerLaunch = kFp16 ? 64 : 32;
+  for (int m0 = 0; m0 < m; m0 += kRowsPerLaunch) {
+    const int rows = m - m0 < kRowsPerLaunch ? m - m0 : kRowsPerLaunch;
     const T* a_rows = a + static_cast<size_t>(m0) * lda;
     T* c_rows = c + static_cast<size_t>(m0) * n;
-    const int status =
-        rows <= 16 ? launch<T, 1>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                  per_channel, sms, pdl, stream)
-                   : launch<T, 2>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                  per_channel, sms, pdl, stream);
+    int status;
+    if (rows <= 16) {
+      status = launch<T, 1, false>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group, per_channel, sms,
+                                   pdl, stream);
+    } else if (rows <= 32 || !kFp16) {
+      status = launch<T, 2, false>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group, per_channel, sms,
+                                   pdl, stream);
+    } else {
+      status = launch<T, kFp16 ? 4 : 2, kFp16>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
+                                               per_channel, sms, pdl, stream);
+    }
     if (status != MARLIN_OK) return status;
   }
   return MARLIN_OK;

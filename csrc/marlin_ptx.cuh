@@ -109,6 +109,13 @@ struct Traits<half> {
     asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(out[3]) : "r"(hi1), "r"(kMulHi), "r"(kAddHi));
   }
 
+  // Element-wise product of two fp16 pairs (rounded to fp16).
+  __device__ __forceinline__ static uint32_t mul(uint32_t x, uint32_t y) {
+    uint32_t d;
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(x), "r"(y));
+    return d;
+  }
+
   __device__ __forceinline__ static float to_float(half x) { return __half2float(x); }
   __device__ __forceinline__ static T2 pack2(float x, float y) { return __floats2half2_rn(x, y); }
 };
@@ -137,6 +144,12 @@ struct Traits<__nv_bfloat16> {
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[1]) : "r"(v1), "r"(kOne), "r"(kMinus));
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[2]) : "r"(v2), "r"(kOne), "r"(kMinus));
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[3]) : "r"(v3), "r"(kOne), "r"(kMinus));
+  }
+
+  __device__ __forceinline__ static uint32_t mul(uint32_t x, uint32_t y) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(x), "r"(y), "r"(0x80008000u));
+    return d;
   }
 
   __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -166,7 +166,7 @@ __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_
   if (n_segs == 1) return;  // written by the gemm kernel
   const float* src = scratch + static_cast<size_t>(strip * max_segs) * (kMaxRows * 64) + row * 64 + col % 64;
   float2 sum = make_float2(0.f, 0.f);
-  constexpr int kBatch = 16;  // loads in flight at once (a split has at most kMaxSplit + 1 segments)
+  constexpr int kBatch = 16;  // loads in flight at once
   for (int s0 = 0; s0 < n_segs; s0 += kBatch) {
     float2 v[kBatch];
 #pragma unroll
@@ -462,9 +462,10 @@ struct Config<4> {
 // size the scratch buffer).
 constexpr int kMaxBlocksPerSm = 4;
 constexpr int kMinTileN = 256;
-// A column block's k range is split into at most about this many segments: each costs a partial-sum
-// round trip through L2 and a serial step for the block that adds them up.
-constexpr int kMaxSplit = 16;
+// How finely a column block's k range may be split. Each segment of a strip costs m x 64 fp32 partial
+// sums written and read back through L2 (512 m bytes) against 2 KB of weights per tile: runs of at least
+// m / 4 tiles keep that below the weight traffic, and at most kMaxSplit segments bound the reduction.
+constexpr int kMaxSplit = 64;
 
 struct Plan {
   int grid;            // thread blocks launched
@@ -472,13 +473,15 @@ struct Plan {
   int max_segs;        // segments any column block may be split into
 };
 
-Plan make_plan(int n, int k, int ctas, int tile_n) {
+Plan make_plan(int n, int k, int m, int ctas, int tile_n) {
   const int k_tiles = k / kTileK;
   const int n_blocks = (n + tile_n - 1) / tile_n;
   const int total = n_blocks * k_tiles;
   Plan p;
   p.tiles_per_cta = (total + ctas - 1) / ctas;
-  const int min_tiles = (k_tiles + kMaxSplit - 1) / kMaxSplit;
+  const int min_by_split = (k_tiles + kMaxSplit - 1) / kMaxSplit;
+  const int min_by_rows = (m + 3) / 4;
+  const int min_tiles = min_by_split > min_by_rows ? min_by_split : min_by_rows;
   if (p.tiles_per_cta < min_tiles) p.tiles_per_cta = min_tiles;
   p.grid = (total + p.tiles_per_cta - 1) / p.tiles_per_cta;
   p.max_segs = (k_tiles + p.tiles_per_cta - 1) / p.tiles_per_cta + 1;
@@ -512,7 +515,7 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  const Plan plan = make_plan(n, k, sms * C::kBlocksPerSm, 64 * C::kWarps);
+  const Plan plan = make_plan(n, k, m, sms * C::kBlocksPerSm, 64 * C::kWarps);
   if (launch_kernel(kernel, plan.grid, 32 * C::kWarps, smem, stream, pdl, a, qweight, scales, c, scratch, m, n, k,
                     lda, group, per_channel, plan.tiles_per_cta, plan.max_segs) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
@@ -582,7 +585,7 @@ const char* marlin_status_string(int status) {
 size_t marlin_scratch_bytes(int n, int k, int sms) {
   if (n < 64 || k < 64 || sms < 1) return 0;
   // More blocks means shorter runs and more segments per column block: size for the largest grid.
-  const marlin::Plan p = marlin::make_plan(n, k, sms * marlin::kMaxBlocksPerSm, marlin::kMinTileN);
+  const marlin::Plan p = marlin::make_plan(n, k, 1, sms * marlin::kMaxBlocksPerSm, marlin::kMinTileN);
   return static_cast<size_t>(n / 64) * p.max_segs * marlin::kMaxRows * 64 * sizeof(float);
 }
 

@@ -147,6 +147,18 @@ def _dataset_dict(info: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
 
 
+def check_options(options: EvalOptions) -> None:
+    """The checks that need no model (dataset name, bounds, seqlen floor), so bad input fails before loading."""
+    from marlin_cli.data import dataset_protocol
+
+    dataset_protocol(options.dataset)
+    if options.seqlen is not None and options.seqlen < 2:
+        raise MarlinError(f"--seqlen must be at least 2; got {options.seqlen}")
+    for flag, value in (("--max-windows", options.max_windows), ("--max-docs", options.max_docs)):
+        if value is not None and value < 1:
+            raise MarlinError(f"{flag} must be at least 1; got {value}")
+
+
 def evaluate_perplexity(options: EvalOptions) -> dict[str, Any]:
     """Load ``options.model`` and measure its perplexity on ``options.dataset``.
 
@@ -160,6 +172,7 @@ def evaluate_perplexity(options: EvalOptions) -> dict[str, Any]:
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    check_options(options)
     loaded = load_model(options.model, device=device, dtype=dtype)
     seqlen = resolve_seqlen(options.seqlen, loaded.model)
     result, dataset = measure(

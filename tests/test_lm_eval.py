@@ -20,8 +20,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is optional: pip install 'marlin[
 import checkpoint_cache  # noqa: E402  (tests/checkpoint_cache.py)
 
 from marlin_cli.cli import main  # noqa: E402
-from marlin_cli.errors import MarlinError  # noqa: E402
-from marlin_cli.lm_eval_adapter import LmEvalOptions, lm_eval_model, metric_rows, run_lm_eval  # noqa: E402
+from marlin_cli.lm_eval_adapter import lm_eval_model, metric_rows  # noqa: E402
 from marlin_cli.loading import load_model  # noqa: E402
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
@@ -54,10 +53,16 @@ def direct_loglikelihood(model: torch.nn.Module, tokenizer, context: str, contin
     return sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
 
 
-def test_adapter_loglikelihood_equals_a_direct_forward(rtn_checkpoint: Path) -> None:
+@pytest.fixture(scope="module")
+def loaded(rtn_checkpoint: Path):  # noqa: ANN201 (LoadedModel)
+    """The checkpoint loaded on the CPU in float32 (MarlinLinear reference path)."""
+    return load_model(str(rtn_checkpoint), device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_adapter_loglikelihood_equals_a_direct_forward(loaded) -> None:  # noqa: ANN001
     from lm_eval.api.instance import Instance
 
-    loaded = load_model(str(rtn_checkpoint), device="cpu", dtype=torch.float32)
     assert loaded.identity["is_quantized"]
     lm = lm_eval_model(loaded)
     pairs = [("The capital of France is", " Paris"), ("def add(a, b):\n    return", " a + b")]
@@ -67,14 +72,20 @@ def test_adapter_loglikelihood_equals_a_direct_forward(rtn_checkpoint: Path) -> 
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
-def test_offline_task_accuracy_matches_direct_scoring(rtn_checkpoint: Path, task_dir: Path) -> None:
-    rec = run_lm_eval(
-        LmEvalOptions(
-            model=str(rtn_checkpoint), tasks=("marlin_tiny_facts",), include_path=task_dir, device="cpu"
-        )
-    )
+@pytest.mark.slow
+def test_offline_task_through_the_cli_matches_direct_scoring(
+    rtn_checkpoint: Path,
+    task_dir: Path,
+    loaded,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    out = tmp_path / "lm.json"
+    args = ["lm-eval", str(rtn_checkpoint), "--tasks", "marlin_tiny_facts", "--include-path", str(task_dir)]
+    result = CliRunner().invoke(main, [*args, "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "marlin_tiny_facts" in result.output and "acc" in result.output
+    rec = json.loads(out.read_text())
     (acc,) = [m["value"] for m in rec["metrics"] if m["metric"] == "acc"]
-    loaded = load_model(str(rtn_checkpoint), device="cpu", dtype=torch.float32)
     items = [json.loads(line) for line in (TASKS / "tiny_facts.jsonl").read_text().splitlines()]
     correct = 0
     for item in items:
@@ -86,24 +97,14 @@ def test_offline_task_accuracy_matches_direct_scoring(rtn_checkpoint: Path, task
         correct += int(max(range(len(scores)), key=scores.__getitem__) == item["answer"])
     assert acc == pytest.approx(correct / len(items))
     assert rec["n_samples"]["marlin_tiny_facts"]["effective"] == len(items)
-    assert rec["model"]["is_quantized"] and rec["versions"]["lm_eval"]
-
-
-def test_cli_runs_the_task_and_saves_json(rtn_checkpoint: Path, task_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "lm.json"
-    args = ["lm-eval", str(rtn_checkpoint), "--tasks", "marlin_tiny_facts", "--include-path", str(task_dir)]
-    result = CliRunner().invoke(main, [*args, "--device", "cpu", "--limit", "4", "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "marlin_tiny_facts" in result.output and "acc" in result.output
-    rec = json.loads(out.read_text())
-    assert rec["n_samples"]["marlin_tiny_facts"]["effective"] == 4 and rec["limit"] == 4
+    assert rec["model"]["is_quantized"] and rec["versions"]["lm_eval"] and rec["device"] == "cpu"
 
 
 def test_unknown_task_is_a_clear_error(task_dir: Path) -> None:
-    with pytest.raises(MarlinError, match="unknown lm-eval task"):
-        run_lm_eval(LmEvalOptions(model="unused", tasks=("no_such_task_xyz",), include_path=task_dir))
-    result = CliRunner().invoke(main, ["lm-eval", "unused", "--tasks", "no_such_task_xyz"])
-    assert result.exit_code == 2 and "unknown lm-eval task" in result.output
+    result = CliRunner().invoke(
+        main, ["lm-eval", "unused", "--tasks", "no_such_task_xyz", "--include-path", str(task_dir)]
+    )
+    assert result.exit_code == 2 and "unknown lm-eval task" in result.output.strip().splitlines()[-1]
 
 
 def test_metric_rows_flatten_results() -> None:

@@ -2,8 +2,9 @@
 // launch and turns the kernel's status codes into messages that carry m, n and k.
 //
 // Errors are returned, not thrown: every function returns (result, error kind, message) and the Python
-// wrapper (gptq/kernel.py) raises. (A C++ exception crossing this extension's boundary crashed the
-// interpreter with the torch build on the GPU machine.)
+// wrapper (gptq/kernel.py) raises ValueError / RuntimeError. Messages are formatted with snprintf. On the
+// GPU machine (torch 2.11 + CUDA 13, its g++) any message built with c10::str / TORCH_CHECK (i.e. through
+// std::ostringstream) segfaulted the interpreter; the cause was not pinned down, this avoids the path.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -21,8 +22,7 @@ using Result = std::tuple<torch::Tensor, int, std::string>;
 
 Result value_error(const std::string& message) { return {torch::Tensor(), kValueError, message}; }
 
-// printf-style message. (Messages are built with snprintf only: formatting through c10::str / streams
-// crashed with the torch build on the GPU machine.)
+// printf-style message (see the note at the top about c10::str).
 template <typename... Args>
 std::string msg(const char* format, Args... args) {
   char buf[512];

@@ -109,7 +109,7 @@ __device__ __forceinline__ void scale_per_channel(float (&acc)[M_BLOCKS][8][4], 
 }
 
 // End of a segment for one warp's strip: write the sum to C when the segment is the strip's whole k range,
-// else to the segment's slot in scratch ([strip][seg][32 rows][64 columns] fp32) for reduce_kernel.
+// else to the segment's slot in scratch ([strip][seg][64 rows][64 columns] fp32) for reduce_kernel.
 template <typename T, int M_BLOCKS>
 __device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4], T* c, float* scratch, int m,
                                                int n, int strip, int seg, bool whole, int max_segs, int lane) {
@@ -144,11 +144,16 @@ __device__ __forceinline__ void segment_range(int nb, int k_tiles, int tiles_per
   count = (nb * k_tiles + k_tiles - 1) / tiles_per_cta - first + 1;
 }
 
-// C[row, col] = sum over the segments of col's column block, in segment order, for split column blocks.
+// Lanes that share one output pair in reduce_kernel, each adding a fixed quarter of the segments.
+constexpr int kReduceLanes = 4;
+
+// C[row, col] = sum over the segments of col's column block, for split column blocks. kReduceLanes
+// consecutive lanes split the segments into fixed contiguous quarters, add each in order, then add the
+// quarters in order: the association depends only on the plan, so results are identical run to run.
 template <typename T>  // half or __nv_bfloat16: element type of C
-__global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_segs, 32, 64] partial sums
+__global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_segs, 64, 64] partial sums
                               T* __restrict__ c,                  // [m, n] output
-                              int m,                              // rows, 1..32
+                              int m,                              // rows, 1..64
                               int n,                              // columns, multiple of 64
                               int k_tiles,                        // k / 64
                               int tiles_per_cta,                  // run length of the gemm launch
@@ -157,33 +162,48 @@ __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_
   using T2 = typename Traits<T>::T2;
   grid_dependency_wait();  // the gemm kernel's partial sums
   launch_dependents();
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // one column pair of one row
-  if (idx >= m * (n / 2)) return;
-  const int row = idx / (n / 2), col = 2 * (idx % (n / 2));
+  const int tid = blockIdx.x * blockDim.x + threadIdx.x;
+  const int idx = tid / kReduceLanes;  // one column pair of one row
+  const int quarter = tid % kReduceLanes;
+  const bool valid = idx < m * (n / 2);
+  const int row = valid ? idx / (n / 2) : 0, col = valid ? 2 * (idx % (n / 2)) : 0;
   const int strip = col / 64;
   int first = 0, n_segs = 0;
   segment_range(strip / strips_per_block, k_tiles, tiles_per_cta, first, n_segs);
-  if (n_segs == 1) return;  // written by the gemm kernel
+  const int per_lane = (n_segs + kReduceLanes - 1) / kReduceLanes;
+  const int s_begin = quarter * per_lane;
+  const int s_end = valid && n_segs > 1 ? min(s_begin + per_lane, n_segs) : s_begin;
   const float* src = scratch + static_cast<size_t>(strip * max_segs) * (kMaxRows * 64) + row * 64 + col % 64;
   float2 sum = make_float2(0.f, 0.f);
   constexpr int kBatch = 16;  // loads in flight at once
-  for (int s0 = 0; s0 < n_segs; s0 += kBatch) {
+  for (int s0 = s_begin; s0 < s_end; s0 += kBatch) {
     float2 v[kBatch];
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      if (s0 + i < n_segs) {
+      if (s0 + i < s_end) {
         v[i] = __ldcg(reinterpret_cast<const float2*>(src + static_cast<size_t>(s0 + i) * (kMaxRows * 64)));
       }
     }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      if (s0 + i < n_segs) {
+      if (s0 + i < s_end) {
         sum.x += v[i].x;
         sum.y += v[i].y;
       }
     }
   }
-  *reinterpret_cast<T2*>(c + static_cast<size_t>(row) * n + col) = Traits<T>::pack2(sum.x, sum.y);
+  // Add the quarters in order on the group's first lane (all lanes take part in the shuffles).
+  float2 total = sum;
+#pragma unroll
+  for (int q = 1; q < kReduceLanes; ++q) {
+    const float x = __shfl_down_sync(0xffffffffu, sum.x, q, kReduceLanes);
+    const float y = __shfl_down_sync(0xffffffffu, sum.y, q, kReduceLanes);
+    total.x += x;
+    total.y += y;
+  }
+  if (valid && quarter == 0 && n_segs > 1) {  // unsplit column blocks were written by the gemm kernel
+    *reinterpret_cast<T2*>(c + static_cast<size_t>(row) * n + col) = Traits<T>::pack2(total.x, total.y);
+  }
 }
 
 // Fused dequantize + matrix product.
@@ -199,7 +219,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
                 const int4* __restrict__ qweight,  // [k/16, n/2] packed codes as 16-byte vectors
                 const T* __restrict__ scales,      // [k/group, n] or [1, n], Marlin-permuted columns
                 T* __restrict__ c,                 // [m, n] output
-                float* __restrict__ scratch,       // [n/64, max_segs, 32, 64] fp32 partial sums
+                float* __restrict__ scratch,       // [n/64, max_segs, 64, 64] fp32 partial sums
                 int m,                             // rows of A and C, 1..16*M_BLOCKS
                 int n,                             // columns of C, multiple of 64
                 int k,                             // depth, multiple of 64
@@ -523,8 +543,8 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   }
   const int k_tiles = k / kTileK;
   if (plan.tiles_per_cta % k_tiles != 0) {  // some column block is split into segments
-    const int threads = 256, pairs = m * (n / 2);
-    if (launch_kernel(reduce_kernel<T>, (pairs + threads - 1) / threads, threads, 0, stream, pdl,
+    const int threads = 256, lanes = m * (n / 2) * kReduceLanes;
+    if (launch_kernel(reduce_kernel<T>, (lanes + threads - 1) / threads, threads, 0, stream, pdl,
                       static_cast<const float*>(scratch), c, m, n, k_tiles, plan.tiles_per_cta, C::kWarps,
                       plan.max_segs) != cudaSuccess) {
       return MARLIN_ERR_LAUNCH;

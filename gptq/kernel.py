@@ -58,8 +58,7 @@ def _extension() -> ModuleType:
     missing = [name for name in SOURCES + HEADERS if not (src / name).is_file()]
     if missing:
         raise FileNotFoundError(f"marlin kernel sources missing in {src}: {missing}")
-    # No -std flag: cpp_extension passes the C++ standard torch itself was built with (a mismatch can
-    # break the ABI of c10::Error, i.e. crash when a check fails).
+    # No -std flag: cpp_extension passes the C++ standard torch itself was built with (C++20 here).
     flags = ["-O3", "-lineinfo"]
     return cpp_extension.load(
         name=EXTENSION_NAME,
@@ -199,7 +198,8 @@ def marlin_gemm(
     """``a @ dequant(B)`` for B packed in the Marlin format (:mod:`gptq.format`), fp32 accumulation.
 
     Args:
-        a: activations [..., K_pad], float16 or bfloat16, any strides (flattened to [M, K_pad]; M >= 1).
+        a: activations [..., K_pad], float16 or bfloat16, any strides (flattened to [M, K_pad]; M = 0
+            gives an empty result).
             Columns beyond the layer's real K must be zero (or meet zero weights, as padding has).
         qweight: int32 [K_pad / 16, 2 * N_pad], the packed 4-bit codes (:func:`gptq.format.pack`):
             16x16 tiles, each 16x64 strip in mma-fragment lane order, 8 codes per int32 interleaved.
@@ -219,9 +219,9 @@ def marlin_gemm(
         raise ValueError(f"a must be [..., K_pad] with K_pad > 0, got shape {list(a.shape)}")
     lead = a.shape[:-1]
     a2 = a.reshape(-1, a.shape[-1]).contiguous()
-    if a2.shape[0] == 0:
-        raise ValueError(f"a has no rows (shape {list(a.shape)})")
     _, _, n_pad = check_inputs(a2, qweight, scales, group_size)
+    if a2.shape[0] == 0:
+        return a.new_empty(*lead, n_pad)
     if path not in (PATH_AUTO, PATH_FUSED, PATH_DENSE):
         raise ValueError(f"path must be PATH_AUTO (0), PATH_FUSED (1) or PATH_DENSE (2), got {path}")
     out = torch.ops.marlin.gemm(a2, qweight, scales, group_size, path)

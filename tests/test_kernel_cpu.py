@@ -48,6 +48,12 @@ def test_batch_dims_are_flattened() -> None:
     assert torch.equal(out.reshape(6, -1), kernel.marlin_gemm(a.reshape(6, -1), qweight, scales, 64))
 
 
+def test_empty_batch() -> None:
+    qweight, scales, shape = _packed(128, 64, 64, torch.float16, seed=6)
+    out = kernel.marlin_gemm(torch.empty(0, 3, shape.k_pad, dtype=torch.float16), qweight, scales, 64)
+    assert out.shape == (0, 3, shape.n_pad)
+
+
 def test_fake_impl_shape() -> None:
     qweight, scales, shape = _packed(256, 192, 128, torch.float16, seed=2)
     a = torch.randn(7, shape.k_pad).half()

@@ -482,11 +482,17 @@ struct Config<4> {
 // size the scratch buffer).
 constexpr int kMaxBlocksPerSm = 4;
 constexpr int kMinTileN = 256;
-// How finely a column block's k range may be split. Each segment of a strip costs m x 64 fp32 partial
-// sums written and read back through L2 (512 m bytes) against 2 KB of weights per tile: runs of at least
-// m / 16 tiles keep that within 4x the weight traffic (it stays in L2; runs of m / 4 made m = 64 about
-// 20% slower on the n = 4096 layers), and at most kMaxSplit segments bound the reduction.
-constexpr int kMaxSplit = 64;
+// How finely a column block's k range may be split (minimum run length in tiles). Each segment of a strip
+// costs m x 64 fp32 partial sums written and read back through L2 (512 m bytes) against 2 KB of weights
+// per tile, and a serial step in reduce_kernel. Chosen from measurements on the H100 (Llama-2 shapes):
+// m <= 4 is fastest with the finest split (up to 64 segments); 4 < m <= 16 with runs of >= m/4 tiles;
+// m > 16 with at most 16 segments (finer splits cost 20-35% at m = 32 and 64).
+int min_run_tiles(int m, int k_tiles) {
+  if (m > 16) return (k_tiles + 15) / 16;
+  const int by_split = (k_tiles + 63) / 64;
+  const int by_rows = m <= 4 ? 1 : (m + 3) / 4;
+  return by_split > by_rows ? by_split : by_rows;
+}
 
 struct Plan {
   int grid;            // thread blocks launched
@@ -500,9 +506,7 @@ Plan make_plan(int n, int k, int m, int ctas, int tile_n) {
   const int total = n_blocks * k_tiles;
   Plan p;
   p.tiles_per_cta = (total + ctas - 1) / ctas;
-  const int min_by_split = (k_tiles + kMaxSplit - 1) / kMaxSplit;
-  const int min_by_rows = (m + 15) / 16;
-  const int min_tiles = min_by_split > min_by_rows ? min_by_split : min_by_rows;
+  const int min_tiles = min_run_tiles(m, k_tiles);
   if (p.tiles_per_cta < min_tiles) p.tiles_per_cta = min_tiles;
   p.grid = (total + p.tiles_per_cta - 1) / p.tiles_per_cta;
   p.max_segs = (k_tiles + p.tiles_per_cta - 1) / p.tiles_per_cta + 1;

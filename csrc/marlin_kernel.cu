@@ -144,12 +144,10 @@ __device__ __forceinline__ void segment_range(int nb, int k_tiles, int tiles_per
   count = (nb * k_tiles + k_tiles - 1) / tiles_per_cta - first + 1;
 }
 
-// Lanes that share one output pair in reduce_kernel, each adding a fixed quarter of the segments.
-constexpr int kReduceLanes = 4;
-
-// C[row, col] = sum over the segments of col's column block, for split column blocks. kReduceLanes
-// consecutive lanes split the segments into fixed contiguous quarters, add each in order, then add the
-// quarters in order: the association depends only on the plan, so results are identical run to run.
+// C[row, col] = sum over the segments of col's column block, for split column blocks. 2^lanes_log2
+// consecutive lanes split the segments into fixed contiguous parts, add each in order, then add the parts
+// in order: the association depends only on the plan, so results are identical run to run. (Several
+// lanes per output only pay off when there are many segments, i.e. for small m.)
 template <typename T>  // half or __nv_bfloat16: element type of C
 __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_segs, 64, 64] partial sums
                               T* __restrict__ c,                  // [m, n] output
@@ -158,19 +156,21 @@ __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_
                               int k_tiles,                        // k / 64
                               int tiles_per_cta,                  // run length of the gemm launch
                               int strips_per_block,               // 64-column strips per column block
-                              int max_segs) {                     // segment slots per strip
+                              int max_segs,                       // segment slots per strip
+                              int lanes_log2) {                   // log2 of lanes per output: 0, 1, 2
   using T2 = typename Traits<T>::T2;
   grid_dependency_wait();  // the gemm kernel's partial sums
   launch_dependents();
   const int tid = blockIdx.x * blockDim.x + threadIdx.x;
-  const int idx = tid / kReduceLanes;  // one column pair of one row
-  const int quarter = tid % kReduceLanes;
+  const int lanes = 1 << lanes_log2;
+  const int idx = tid >> lanes_log2;  // one column pair of one row
+  const int quarter = tid & (lanes - 1);
   const bool valid = idx < m * (n / 2);
   const int row = valid ? idx / (n / 2) : 0, col = valid ? 2 * (idx % (n / 2)) : 0;
   const int strip = col / 64;
   int first = 0, n_segs = 0;
   segment_range(strip / strips_per_block, k_tiles, tiles_per_cta, first, n_segs);
-  const int per_lane = (n_segs + kReduceLanes - 1) / kReduceLanes;
+  const int per_lane = (n_segs + lanes - 1) >> lanes_log2;
   const int s_begin = quarter * per_lane;
   const int s_end = valid && n_segs > 1 ? min(s_begin + per_lane, n_segs) : s_begin;
   const float* src = scratch + static_cast<size_t>(strip * max_segs) * (kMaxRows * 64) + row * 64 + col % 64;
@@ -192,12 +192,11 @@ __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_
       }
     }
   }
-  // Add the quarters in order on the group's first lane (all lanes take part in the shuffles).
+  // Add the parts in order on the group's first lane (all lanes take part in the shuffles).
   float2 total = sum;
-#pragma unroll
-  for (int q = 1; q < kReduceLanes; ++q) {
-    const float x = __shfl_down_sync(0xffffffffu, sum.x, q, kReduceLanes);
-    const float y = __shfl_down_sync(0xffffffffu, sum.y, q, kReduceLanes);
+  for (int q = 1; q < lanes; ++q) {
+    const float x = __shfl_down_sync(0xffffffffu, sum.x, q, lanes);
+    const float y = __shfl_down_sync(0xffffffffu, sum.y, q, lanes);
     total.x += x;
     total.y += y;
   }
@@ -547,10 +546,12 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   }
   const int k_tiles = k / kTileK;
   if (plan.tiles_per_cta % k_tiles != 0) {  // some column block is split into segments
-    const int threads = 256, lanes = m * (n / 2) * kReduceLanes;
-    if (launch_kernel(reduce_kernel<T>, (lanes + threads - 1) / threads, threads, 0, stream, pdl,
+    // Up to 16 segments per lane (one batch of loads in flight).
+    const int lanes_log2 = plan.max_segs > 32 ? 2 : plan.max_segs > 16 ? 1 : 0;
+    const int threads = 256, total_lanes = (m * (n / 2)) << lanes_log2;
+    if (launch_kernel(reduce_kernel<T>, (total_lanes + threads - 1) / threads, threads, 0, stream, pdl,
                       static_cast<const float*>(scratch), c, m, n, k_tiles, plan.tiles_per_cta, C::kWarps,
-                      plan.max_segs) != cudaSuccess) {
+                      plan.max_segs, lanes_log2) != cudaSuccess) {
       return MARLIN_ERR_LAUNCH;
     }
   }

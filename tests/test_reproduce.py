@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -198,18 +199,41 @@ def test_unknown_model_selection_is_an_error(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no model named ['GPT-5']" in result.output
 
 
+def shallow_copy(model_dir: Path, out: Path, layers: int) -> Path:
+    """The built-in model cut to its first ``layers`` decoder layers (real weights, same tokenizer)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    tensors = load_file(model_dir / "model.safetensors")
+    keep = {
+        k: v for k, v in tensors.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers
+    }
+    save_file(keep, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    for f in model_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
 @pytest.mark.slow
 def test_small_real_reproduction(builtin_model_dir: Path, tmp_path: Path) -> None:
-    """The whole pipeline on the built-in model, shrunk: calibration 8 x 256, 2 windows, 4 documents."""
+    """The whole pipeline through the CLI on real weights and text, shrunk to fit the test budget: the first
+    4 of the built-in model's 30 layers, calibration 8 x 256, 4 windows and 8 documents of 256 tokens."""
     raw = json.loads((CONFIGS / "reproduce_builtin.json").read_text())
     raw["name"] = "builtin-small"
-    raw["models"][0]["path"] = str(builtin_model_dir)
+    raw["models"][0]["path"] = str(shallow_copy(builtin_model_dir, tmp_path / "smollm2-4layers", 4))
     raw["calibration"].update(nsamples=8, seqlen=256)
     raw["datasets"] = [
         {"name": "botchan", "seqlen": 256, "max_windows": 4},
         {"name": "pydocs", "seqlen": 256, "max_docs": 8},
     ]
-    raw["checks"] = {"gptq_beats_rtn": False, "max_ppl_ratio": 2.0}
+    # A 4-layer cut of a 30-layer model is no language model (ppl ~1e8): check the wiring, not quality
+    # (the built-in reproduction checks quality on the whole model).
+    raw["checks"] = {"gptq_beats_rtn": False, "max_ppl_ratio": 10.0}
     config = tmp_path / "small.json"
     config.write_text(json.dumps(raw))
     out = tmp_path / "out"
@@ -219,12 +243,18 @@ def test_small_real_reproduction(builtin_model_dir: Path, tmp_path: Path) -> Non
     row = rec["rows"][0]["variants"]
     for ds in ("botchan", "pydocs"):
         fp, rtn, gptq = (row[v]["datasets"][ds]["ppl"] for v in ("fp16", "rtn", "gptq"))
-        assert fp < rtn and fp < gptq < 2 * fp
+        assert all(math.isfinite(p) and p > 1 for p in (fp, rtn, gptq))
+        assert len({fp, rtn, gptq}) == 3  # each variant is a different model
+        assert (
+            row["gptq"]["datasets"][ds]["dataset"]["sha256"]
+            == row["fp16"]["datasets"][ds]["dataset"]["sha256"]
+        )
+    assert [c["check"] for c in rec["checks"]] == ["gptq / fp16 <= 10.0"] * 2
     assert row["gptq"]["identity"]["is_quantized"] and row["fp16"]["identity"]["is_quantized"] is False
     assert row["gptq"]["identity"]["quantization_config"]["group_size"] == 64
-    assert 50 < row["gptq"]["checkpoint"]["size_mb"] < 150  # int4 + fp16 embeddings; fp16 model is 269 MB
+    assert 20 < row["gptq"]["checkpoint"]["size_mb"] < 80  # 4 int4 layers + the fp16 embedding (57 MB)
     assert (
         row["rtn"]["datasets"]["botchan"]["windows"] == 4
         and row["rtn"]["datasets"]["pydocs"]["documents"] == 8
     )
-    assert (out / "table.md").read_text().count("SmolLM2-135M") >= 1
+    assert "SmolLM2-135M" in (out / "table.md").read_text() and rec["passed"]

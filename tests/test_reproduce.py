@@ -155,11 +155,11 @@ def test_reproduce_runs_each_variant_and_writes_markdown_and_json(
         load_config("builtin"), ReproduceOptions(out=tmp_path, device="cpu", max_docs=5), log=lambda m: None
     )
     assert calls == [
-        "evaluate fp16 ['botchan', 'pydocs'] [(24, None), (None, 5)]",
+        "evaluate fp16 ['botchan', 'pydocs'] [(16, None), (None, 5)]",
         "quantize rtn rtn",
-        "evaluate rtn ['botchan', 'pydocs'] [(24, None), (None, 5)]",
+        "evaluate rtn ['botchan', 'pydocs'] [(16, None), (None, 5)]",
         "quantize gptq gptq",
-        "evaluate gptq ['botchan', 'pydocs'] [(24, None), (None, 5)]",
+        "evaluate gptq ['botchan', 'pydocs'] [(16, None), (None, 5)]",
     ]
     assert record["passed"] and len(record["checks"]) == 4
     saved = json.loads((tmp_path / "table.json").read_text())
@@ -178,7 +178,7 @@ def test_reproduce_runs_each_variant_and_writes_markdown_and_json(
     ):
         assert column in header
     assert "| SmolLM2-135M |" in md.replace("  ", " ") or "SmolLM2-135M " in md
-    assert "39.92" in md and "stream" in md and "documents" in md and "bounded to 24" in md
+    assert "39.92" in md and "stream" in md and "documents" in md and "bounded to 16" in md
 
 
 def test_cli_fails_with_exit_2_when_gptq_loses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@
 #include "marlin_kernel.h"
 #include "marlin_ptx.cuh"
 
+#include <cstdlib>
 #include <type_traits>
 
 namespace marlin {
@@ -226,7 +227,8 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
                 int group,                         // rows per scale group: 32, 64, 128, or k per channel
                 int per_channel,                   // 1: scales use the per-channel permutation
                 int tiles_per_cta,                 // units of work per block (last block may get fewer)
-                int max_segs) {                    // segment slots per strip in scratch
+                int max_segs,                      // segment slots per strip in scratch
+                int prefetch_tiles) {              // units of the run warmed in L2 before the PDL wait
   using Tr = Traits<T>;
   using L = StageLayout<M_BLOCKS, WARPS>;
   constexpr int kWarps = WARPS;
@@ -342,9 +344,24 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[b][j][e] = grp[b][j][e] = 0.f;
 
+  // Warm L2 with the first units of this block's weights while the previous kernel in the stream may still
+  // run. Only L2 is touched (no data enters the block before the wait), so this stays correct even when
+  // that kernel writes the weights: its writes land in the same L2 lines.
+  {
+    constexpr int kLines = 4 * WARPS;  // 128-byte lines per k16 row of a column block (2 KB for 4 warps)
+    const int rows = min(prefetch_tiles, end - begin) * kStrips;
+    const int line = tid % kLines;
+    for (int p = tid / kLines; p < rows; p += 32 * WARPS / kLines) {
+      const int u = begin + p / kStrips;
+      const int u_nb = u / k_tiles, u_kt = u - u_nb * k_tiles;
+      const int strip = u_nb * WARPS + line / 4;
+      if (strip < n_strips) {
+        prefetch_l2(qweight + static_cast<size_t>(u_kt * kStrips + p % kStrips) * n_words + strip * 32 + (line % 4) * 8);
+      }
+    }
+  }
   // Wait for the previous kernel in the stream (programmatic dependent launch): this block's launch and
-  // address setup overlapped its tail, but any of the inputs may be its output. (Prefetching weights
-  // before the wait would be faster but wrong when the previous kernel wrote them.)
+  // address setup overlapped its tail, but any of the inputs may be its output.
   grid_dependency_wait();
 
   // Pipeline prologue: STAGES-1 units in flight.
@@ -540,8 +557,10 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
     return MARLIN_ERR_LAUNCH;
   }
   const Plan plan = make_plan(n, k, m, sms * C::kBlocksPerSm, 64 * C::kWarps);
+  const char* dev_pf = getenv("MARLIN_DEV_PF");  // DEV KNOB (temporary)
+  const int prefetch_tiles = dev_pf ? atoi(dev_pf) : 0;
   if (launch_kernel(kernel, plan.grid, 32 * C::kWarps, smem, stream, pdl, a, qweight, scales, c, scratch, m, n, k,
-                    lda, group, per_channel, plan.tiles_per_cta, plan.max_segs) != cudaSuccess) {
+                    lda, group, per_channel, plan.tiles_per_cta, plan.max_segs, prefetch_tiles) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
   const int k_tiles = k / kTileK;

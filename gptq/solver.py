@@ -71,25 +71,53 @@ class QuantizedMatrix:
 
 
 class HessianAccumulator:
-    """Running H = 2 X X^T / T over calibration inputs, every token weighted equally. float64 on ``device``."""
+    """H = 2 X X^T / T over calibration inputs, every token weighted equally.
+
+    Products are computed in float32 (the costly part) and summed in float64 on ``device``.
+    """
 
     def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
-        self.h = torch.zeros((k, k), dtype=torch.float64, device=device)
+        self.xtx = torch.zeros((k, k), dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` [..., K] (any float dtype)."""
-        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float64)
-        t = x.shape[0]
-        self.h *= self.tokens / (self.tokens + t)
-        self.tokens += t
-        self.h += (2.0 / self.tokens) * (x.T @ x)
+        x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float32)
+        self.tokens += x.shape[0]
+        self.xtx += (x.T @ x).to(torch.float64)
 
     def finalize(self) -> torch.Tensor:
         """H as float32 [K, K]."""
         if self.tokens == 0:
             raise ValueError("no calibration inputs reached this layer")
-        return self.h.to(torch.float32)
+        return (self.xtx * (2.0 / self.tokens)).to(torch.float32)
+
+
+@dataclass
+class PreparedHessian:
+    """What GPTQ needs from H, computed once and shared by every linear that reads the same inputs.
+
+    Attributes:
+        h: float32 [K, K] with dead inputs (zero diagonal) set to 1 on the diagonal.
+        u: float32 [K, K] upper Cholesky factor of (H + damping)^-1.
+        dead: bool [K] inputs that never fired (their weights are zeroed).
+        damp: damping fraction used; retries: times it was raised.
+    """
+
+    h: torch.Tensor
+    u: torch.Tensor
+    dead: torch.Tensor
+    damp: float
+    retries: int
+
+
+def prepare_hessian(h: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
+    """Fix dead inputs and factor H for :func:`gptq_quantize`. Raises :class:`CholeskyError`."""
+    h = h.to(torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    u, damp, retries = inverse_cholesky(h, cfg.damp, cfg.damp_retries)
+    return PreparedHessian(h, u, dead, damp, retries)
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float, int]:
@@ -118,18 +146,16 @@ def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.
     )
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> QuantizedMatrix:
-    """Quantize W [N, K] (any float dtype) with Hessian H float32 [K, K]. Returns a :class:`QuantizedMatrix`."""
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor | PreparedHessian, cfg: GPTQConfig) -> QuantizedMatrix:
+    """Quantize W [N, K] (any float dtype) given H float32 [K, K] or its :class:`PreparedHessian`."""
     n, k = w.shape
     g = k if cfg.group_size == -1 else cfg.group_size
     if cfg.blocksize % g and cfg.group_size != -1:
         raise ValueError(f"blocksize {cfg.blocksize} must be a multiple of group size {g}")
+    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(h, cfg)
+    u, damp_used, retries = prep.u, prep.damp, prep.retries
     w = w.to(torch.float32).clone()
-    h = h.to(torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    u, damp_used, retries = inverse_cholesky(h, cfg.damp, cfg.damp_retries)
+    w[:, prep.dead] = 0.0
 
     codes = torch.zeros((n, k), dtype=torch.uint8, device=w.device)
     qweight = torch.zeros_like(w)
@@ -191,6 +217,8 @@ __all__ = [
     "CholeskyError",
     "GPTQConfig",
     "HessianAccumulator",
+    "PreparedHessian",
+    "prepare_hessian",
     "QuantizedMatrix",
     "gptq_quantize",
     "inverse_cholesky",

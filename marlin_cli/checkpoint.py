@@ -177,10 +177,12 @@ def load_quantized(model_dir: Path, device: str = "cpu", dtype: torch.dtype = to
                               f"{linear.in_features}x{linear.out_features}")
         setattr(parent, child, MarlinLinear(k, n, qc["group_size"], bias=f"{name}.bias" in store, device="meta"))
     store.materialize(model, "", device, None)
-    rebuild_rotary(model, spec, device)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    rebuild_rotary(model, spec, device)
     missing = meta_tensors(model)
     if missing:
         raise MarlinError(f"{model_dir} is missing {len(missing)} tensors (first: {missing[0]}); re-create the checkpoint")
-    return model.to(dtype).eval()
+    model = model.to(dtype)
+    rebuild_rotary(model, spec, device)  # rotary frequencies stay float32, as from_pretrained leaves them
+    return model.eval()

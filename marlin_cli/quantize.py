@@ -15,7 +15,7 @@ from gptq.solver import GPTQConfig
 from marlin_cli.checkpoint import CheckpointWriter, check_output_dir, quantization_config
 from marlin_cli.errors import MarlinError
 from marlin_cli.models import BUILTIN_ALIASES, arch_spec, meta_model, resolve_model_dir
-from marlin_cli.sequential import LayerReport, quantize_sequential
+from marlin_cli.sequential import LayerReport, quantize_nearest, quantize_sequential
 from marlin_cli.weights import WeightStore
 
 
@@ -109,7 +109,12 @@ def quantize(options: QuantizeOptions, progress: bool = True) -> QuantizeResult:
     spec = arch_spec(config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     start = time.perf_counter()
-    samples = calibration_samples(tokenizer, opts.dataset, opts.nsamples, opts.seqlen, opts.seed)
+    # Round to nearest needs no calibration data (but the dataset name is still checked).
+    samples = [] if opts.nearest else calibration_samples(tokenizer, opts.dataset, opts.nsamples, opts.seqlen, opts.seed)
+    if opts.nearest:
+        from marlin_cli.data import dataset_protocol
+
+        dataset_protocol(opts.dataset)
     skip: tuple[str, ...] = ()
     if opts.skip_gq and config.num_key_value_heads < config.num_attention_heads:
         skip = spec.kv
@@ -125,9 +130,12 @@ def quantize(options: QuantizeOptions, progress: bool = True) -> QuantizeResult:
 
     store = WeightStore(model_dir)
     with torch.no_grad():
-        result = quantize_sequential(meta_model(config), store, spec, samples, cfg, nearest=opts.nearest,
-                                     true_sequential=opts.true_sequential, skip=skip, device=opts.device,
-                                     dtype=dtype, on_layer=on_layer)
+        if opts.nearest:
+            result = quantize_nearest(store, spec, config.num_hidden_layers, opts.group_size, skip, on_layer)
+        else:
+            result = quantize_sequential(meta_model(config), store, spec, samples, cfg,
+                                         true_sequential=opts.true_sequential, skip=skip, device=opts.device,
+                                         dtype=dtype, on_layer=on_layer)
     bar.close()
     quant_seconds = time.perf_counter() - start
 
@@ -173,6 +181,12 @@ def write_tensors(writer: CheckpointWriter, store: WeightStore, matrices: dict, 
         writer.add(name, tensor.to(torch.float16) if tensor.is_floating_point() else tensor)
 
 
+def _cell(value: float | None) -> str:
+    if value is None:
+        return f"{'fp16':>11}"
+    return f"{'-':>11}" if value != value else f"{value:>11.2e}"  # NaN: not measured (round to nearest)
+
+
 def format_report(reports: list[LayerReport], linears: tuple[str, ...]) -> str:
     """A table: one row per decoder layer, one column per linear, cells = relative output error."""
     short = [n.rpartition(".")[2] for n in linears]
@@ -184,5 +198,5 @@ def format_report(reports: list[LayerReport], linears: tuple[str, ...]) -> str:
     head = f"{'layer':<20}" + "".join(f"{s:>11}" for s in short)
     lines = ["relative output error tr(dW H dW^T) / tr(W H W^T) on the calibration data", head, "-" * len(head)]
     for layer, cells in rows.items():
-        lines.append(f"{layer:<20}" + "".join(f"{cells[s]:>11.2e}" if s in cells else f"{'fp16':>11}" for s in short))
+        lines.append(f"{layer:<20}" + "".join(_cell(cells.get(s)) for s in short))
     return "\n".join(lines)

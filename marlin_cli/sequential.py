@@ -22,6 +22,7 @@ from gptq.solver import (
     HessianAccumulator,
     QuantizedMatrix,
     gptq_quantize,
+    prepare_hessian,
     relative_output_error,
     rtn_quantize,
 )
@@ -81,14 +82,16 @@ def capture_layer0_inputs(
 
 
 @contextmanager
-def _hessian_hooks(layer: nn.Module, names: tuple[str, ...], device: str) -> Iterator[dict[str, HessianAccumulator]]:
-    accs: dict[str, HessianAccumulator] = {}
+def _hessian_hooks(layer: nn.Module, groups: list[tuple[str, ...]], device: str) -> Iterator[list[HessianAccumulator]]:
+    """One Hessian per group of linears that read the same input, hooked on the group's first linear."""
+    accs: list[HessianAccumulator] = []
     handles = []
-    for name in names:
-        lin = layer.get_submodule(name)
-        accs[name] = HessianAccumulator(lin.in_features, device)
+    for group in groups:
+        lin = layer.get_submodule(group[0])
+        acc = HessianAccumulator(lin.in_features, device)
+        accs.append(acc)
 
-        def hook(_m: nn.Module, inp: tuple, _out: torch.Tensor, acc: HessianAccumulator = accs[name]) -> None:
+        def hook(_m: nn.Module, inp: tuple, _out: torch.Tensor, acc: HessianAccumulator = acc) -> None:
             acc.add(inp[0].detach())
 
         handles.append(lin.register_forward_hook(hook))
@@ -110,7 +113,6 @@ def quantize_sequential(
     samples: list[torch.Tensor],
     cfg: GPTQConfig,
     *,
-    nearest: bool = False,
     true_sequential: bool = False,
     skip: tuple[str, ...] = (),
     device: str = "cpu",
@@ -125,7 +127,6 @@ def quantize_sequential(
         spec: architecture names (layers, rotary, sequential groups).
         samples: calibration token ids, each [1, L].
         cfg: GPTQ settings (group size, damping, clipping).
-        nearest: round to nearest instead of GPTQ (the Hessians are still collected for the error report).
         true_sequential: quantize the groups of spec.sequential one after another within each layer.
         skip: linear names within a layer to leave unquantized (e.g. k/v for --skip-gq).
         device: where layers run; dtype: their compute dtype.
@@ -142,35 +143,38 @@ def quantize_sequential(
         store.materialize(model, prefix, device, dtype)
     rebuild_rotary(model, spec, device)
     inputs = capture_layer0_inputs(model, layers, samples, device)
-    groups = spec.sequential if true_sequential else (spec.linears,)
+    input_groups = [tuple(n for n in group if n not in skip) for group in spec.sequential]
+    input_groups = [g for g in input_groups if g]
+    # Passes over the calibration data per layer: one per input group with --true-sequential, else one.
+    passes = [[g] for g in input_groups] if true_sequential else [input_groups]
     result = SequentialResult()
     for i, layer in enumerate(layers):
         prefix = f"{spec.layers}.{i}"
         store.materialize(model, prefix, device, dtype)
         layer_reports: list[LayerReport] = []
         with torch.no_grad():
-            for group in groups:
-                todo = tuple(n for n in group if n not in skip)
-                if not todo:
-                    continue
-                with _hessian_hooks(layer, todo, device) as accs:
+            for groups in passes:
+                with _hessian_hooks(layer, groups, device) as accs:
                     _run_layer(layer, inputs)
-                for name in todo:
-                    lin = layer.get_submodule(name)
+                for group, acc in zip(groups, accs, strict=True):
                     t0 = time.perf_counter()
-                    h = accs[name].finalize()
-                    w = lin.weight.data
-                    full = f"{prefix}.{name}"
+                    h = acc.finalize()
                     try:
-                        qm = rtn_quantize(w, cfg.group_size) if nearest else gptq_quantize(w, h, cfg)
+                        prep = prepare_hessian(h, cfg)
                     except CholeskyError as err:
-                        raise MarlinError(f"{full}: {err}") from err
-                    lin.weight.data = qm.weight.to(w.dtype)
-                    qm.weight = torch.empty(0)  # the dequantized copy is not needed past this point
-                    result.matrices[full] = QuantizedMatrix(qm.codes.cpu(), qm.scales.cpu(), qm.weight, qm.damp, qm.retries)
-                    layer_reports.append(LayerReport(full, (lin.out_features, lin.in_features),
-                                                     relative_output_error(w, lin.weight.data, h),
-                                                     qm.damp, qm.retries, time.perf_counter() - t0))
+                        raise MarlinError(f"{prefix}.{group[0]} (and the linears sharing its input): {err}") from err
+                    for name in group:
+                        lin = layer.get_submodule(name)
+                        w = lin.weight.data
+                        qm = gptq_quantize(w, prep, cfg)
+                        lin.weight.data = qm.weight.to(w.dtype)
+                        full = f"{prefix}.{name}"
+                        result.matrices[full] = QuantizedMatrix(qm.codes.cpu(), qm.scales.cpu(), torch.empty(0),
+                                                                qm.damp, qm.retries)
+                        layer_reports.append(LayerReport(full, (lin.out_features, lin.in_features),
+                                                         relative_output_error(w, lin.weight.data, h),
+                                                         qm.damp, qm.retries, time.perf_counter() - t0))
+                        t0 = time.perf_counter()
                     del h
             outputs = _run_layer(layer, inputs)
         inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs, strict=True)]
@@ -178,4 +182,32 @@ def quantize_sequential(
         result.reports.extend(layer_reports)
         if on_layer is not None:
             on_layer(i, len(layers), layer_reports)
+    return result
+
+
+def quantize_nearest(
+    store: WeightStore,
+    spec: ArchSpec,
+    num_layers: int,
+    group_size: int,
+    skip: tuple[str, ...] = (),
+    on_layer: Callable[[int, int, list[LayerReport]], None] | None = None,
+) -> SequentialResult:
+    """Round-to-nearest baseline: every linear quantized from its own weights; no calibration data, no forward
+    passes (so the relative output error is not measured and is reported as NaN)."""
+    result = SequentialResult()
+    for i in range(num_layers):
+        reports = []
+        for name in spec.linears:
+            if name in skip:
+                continue
+            full = f"{spec.layers}.{i}.{name}"
+            t0 = time.perf_counter()
+            w = store.get(f"{full}.weight")
+            qm = rtn_quantize(w, group_size)
+            result.matrices[full] = QuantizedMatrix(qm.codes, qm.scales, torch.empty(0))
+            reports.append(LayerReport(full, tuple(w.shape), float("nan"), 0.0, 0, time.perf_counter() - t0))
+        result.reports.extend(reports)
+        if on_layer is not None:
+            on_layer(i, num_layers, reports)
     return result

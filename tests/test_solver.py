@@ -36,7 +36,7 @@ def test_hessian_accumulator_matches_float64_formula() -> None:
     for c in chunks:
         acc.add(c.unsqueeze(0))
     x = torch.cat(chunks).double()
-    assert torch.allclose(acc.finalize().double(), 2 * x.T @ x / x.shape[0], rtol=1e-6, atol=1e-8)
+    assert torch.allclose(acc.finalize().double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)  # float32 products
     assert acc.tokens == 142
 
 

@@ -496,7 +496,7 @@ struct Config<4> {
 
 // Largest number of blocks any configuration launches per SM, and the narrowest column block (both
 // size the scratch buffer).
-constexpr int kMaxBlocksPerSm = 4;
+constexpr int kMaxBlocksPerSm = 5;
 constexpr int kMinTileN = 256;
 // How finely a column block's k range may be split (minimum run length in tiles). Each segment of a strip
 // costs m x 64 fp32 partial sums written and read back through L2 (512 m bytes) against 2 KB of weights
@@ -547,16 +547,24 @@ cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, int 
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
-template <typename T, int M_BLOCKS, bool SCALE_B>
+template <int W, int S, int B>
+struct DevConfig {
+  static constexpr int kWarps = W;
+  static constexpr int kStages = S;
+  static constexpr int kBlocksPerSm = B;
+};
+
+template <typename T, int M_BLOCKS, bool SCALE_B, typename C = Config<M_BLOCKS>>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n, int k,
            int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
-  using C = Config<M_BLOCKS>;
   auto kernel = gemm_kernel<T, M_BLOCKS, C::kWarps, C::kStages, C::kBlocksPerSm, SCALE_B>;
   constexpr int smem = smem_bytes<M_BLOCKS, C::kWarps, C::kStages>();
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  const Plan plan = make_plan(n, k, m, sms * C::kBlocksPerSm, 64 * C::kWarps);
+  const char* dev_waves = getenv("MARLIN_DEV_WAVES");  // DEV KNOB (temporary)
+  const int waves = dev_waves ? atoi(dev_waves) : 1;
+  const Plan plan = make_plan(n, k, m, sms * C::kBlocksPerSm * waves, 64 * C::kWarps);
   const char* dev_pf = getenv("MARLIN_DEV_PF");  // DEV KNOB (temporary)
   const int prefetch_tiles = dev_pf ? atoi(dev_pf) : 0;
   if (launch_kernel(kernel, plan.grid, 32 * C::kWarps, smem, stream, pdl, a, qweight, scales, c, scratch, m, n, k,
@@ -592,7 +600,24 @@ int gemm_rows(const T* a, const int4* qweight, const T* scales, T* c, float* scr
     const T* a_rows = a + static_cast<size_t>(m0) * lda;
     T* c_rows = c + static_cast<size_t>(m0) * n;
     int status;
-    if (rows <= 16) {
+    const char* dev_v = getenv("MARLIN_DEV_V");  // DEV KNOB (temporary)
+    const int v = dev_v ? atoi(dev_v) : 0;
+    if (rows <= 16 && v == 1) {
+      status = launch<T, 1, false, DevConfig<4, 5, 4>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
+                                                       per_channel, sms, pdl, stream);
+    } else if (rows <= 16 && v == 2) {
+      status = launch<T, 1, false, DevConfig<8, 4, 2>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
+                                                       per_channel, sms, pdl, stream);
+    } else if (rows <= 16 && v == 3) {
+      status = launch<T, 1, false, DevConfig<4, 3, 4>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
+                                                       per_channel, sms, pdl, stream);
+    } else if (rows <= 16 && v == 4) {
+      status = launch<T, 1, false, DevConfig<4, 3, 5>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
+                                                       per_channel, sms, pdl, stream);
+    } else if (rows <= 16 && v == 5) {
+      status = launch<T, 1, false, DevConfig<4, 4, 5>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
+                                                       per_channel, sms, pdl, stream);
+    } else if (rows <= 16) {
       status = launch<T, 1, false>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group, per_channel, sms,
                                    pdl, stream);
     } else if (rows <= 32 || !kFp16) {
@@ -630,7 +655,9 @@ const char* marlin_status_string(int status) {
 size_t marlin_scratch_bytes(int n, int k, int sms) {
   if (n < 64 || k < 64 || sms < 1) return 0;
   // More blocks means shorter runs and more segments per column block: size for the largest grid.
-  const marlin::Plan p = marlin::make_plan(n, k, 1, sms * marlin::kMaxBlocksPerSm, marlin::kMinTileN);
+  const char* dev_waves = getenv("MARLIN_DEV_WAVES");  // DEV KNOB (temporary)
+  const int waves = dev_waves ? atoi(dev_waves) : 1;
+  const marlin::Plan p = marlin::make_plan(n, k, 1, sms * marlin::kMaxBlocksPerSm * waves, marlin::kMinTileN);
   return static_cast<size_t>(n / 64) * p.max_segs * marlin::kMaxRows * 64 * sizeof(float);
 }
 

@@ -74,6 +74,8 @@ class QuantizeResult:
     peak_rss_mb: float
     checkpoint_mb: float
     record: dict = field(default_factory=dict)
+    matrices: dict | None = None
+    """With ``keep_matrices``: full linear name -> QuantizedMatrix (codes uint8 [N, K], scales float32 [N, G])."""
 
 
 def _versions() -> dict:
@@ -89,8 +91,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def quantize(options: QuantizeOptions, progress: bool = True) -> QuantizeResult:
+def quantize(options: QuantizeOptions, progress: bool = True, keep_matrices: bool = False) -> QuantizeResult:
     """Quantize ``options.model`` and write the Marlin checkpoint ``options.out``.
+
+    ``keep_matrices`` also returns the unpacked codes and scales (as big as the packed model, x2).
 
     Raises MarlinError for bad input (missing model, unsupported architecture, unknown dataset, existing
     output folder, failed Cholesky). The output folder appears only when complete.
@@ -158,7 +162,8 @@ def quantize(options: QuantizeOptions, progress: bool = True) -> QuantizeResult:
         record["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         out_dir = writer.finish(config_dict, tokenizer, record, source_dir=model_dir)
         size_mb = writer.total_bytes / 2**20
-    return QuantizeResult(out_dir, result.reports, time.perf_counter() - start, _peak_rss_mb(), size_mb, record)
+    return QuantizeResult(out_dir, result.reports, time.perf_counter() - start, _peak_rss_mb(), size_mb, record,
+                          result.matrices if keep_matrices else None)
 
 
 def write_tensors(writer: CheckpointWriter, store: WeightStore, matrices: dict, group_size: int) -> None:

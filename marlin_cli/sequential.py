@@ -52,7 +52,52 @@ class SequentialResult:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once layer 0's inputs are recorded."""
+    """Raised by a hook once what a pass needs is recorded (the rest of the forward is skipped)."""
+
+
+#: Calibration samples are run in right-padded batches of at most this many (padded) tokens: large matrix
+#: products run at several times the speed of per-sample ones on a CPU. Causal attention means the real
+#: tokens never see the padding after them, so their activations are those of a per-sample forward.
+BATCH_TOKENS = 8192
+
+
+@dataclass
+class CalibrationBatch:
+    """Inputs of the current decoder layer for a batch of samples.
+
+    Attributes:
+        hidden: [B, L, D] hidden states (rows past a sample's length are padding).
+        kwargs: the other arguments the decoder layer takes (position embeddings, masks...).
+        valid: bool [B, L], True at real tokens.
+    """
+
+    hidden: torch.Tensor
+    kwargs: dict
+    valid: torch.Tensor
+
+
+def batch_samples(samples: list[torch.Tensor], budget: int = BATCH_TOKENS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Group samples (each [1, L_i] token ids) into right-padded batches of at most ``budget`` padded tokens.
+
+    Samples are sorted by length (longest first) so that padding is small. Returns (ids [B, L], valid [B, L]).
+    """
+    order = sorted(samples, key=lambda t: t.shape[-1], reverse=True)
+    batches: list[list[torch.Tensor]] = []
+    for ids in order:
+        if batches and (len(batches[-1]) + 1) * batches[-1][0].shape[-1] <= budget:
+            batches[-1].append(ids)
+        else:
+            batches.append([ids])
+    out = []
+    for group in batches:
+        width = group[0].shape[-1]
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        valid = torch.zeros((len(group), width), dtype=torch.bool)
+        for row, sample in enumerate(group):
+            ids[row, : sample.shape[-1]] = sample.view(-1)
+            valid[row, : sample.shape[-1]] = True
+        out.append((ids, valid))
+    return out
 
 
 def _layer_output(out: torch.Tensor | tuple) -> torch.Tensor:
@@ -61,49 +106,69 @@ def _layer_output(out: torch.Tensor | tuple) -> torch.Tensor:
 
 def capture_layer0_inputs(
     model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor], device: str
-) -> list[tuple[torch.Tensor, dict]]:
-    """Run the model's stem (embeddings, masks, rotary) on each sample and record layer 0's (hidden, kwargs)."""
-    captured: list[tuple[torch.Tensor, dict]] = []
+) -> list[CalibrationBatch]:
+    """Run the model's stem (embeddings, masks, rotary) on batches of samples; record layer 0's inputs."""
+    captured: list[CalibrationBatch] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        captured.append(CalibrationBatch(hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"},
+                                         torch.empty(0)))
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         base = model.get_submodule("model")
-        for ids in samples:
+        for ids, valid in batch_samples(samples):
             with suppress(_StopForward):
                 base(input_ids=ids.to(device), use_cache=False)
+            captured[-1].valid = valid.to(device)
     finally:
         handle.remove()
     return captured
 
 
 @contextmanager
-def _hessian_hooks(layer: nn.Module, groups: list[tuple[str, ...]], device: str) -> Iterator[list[HessianAccumulator]]:
-    """One Hessian per group of linears that read the same input, hooked on the group's first linear."""
+def _hessian_hooks(
+    layer: nn.Module, groups: list[tuple[str, ...]], device: str, stop_after_last: bool
+) -> Iterator[tuple[list[HessianAccumulator], list[torch.Tensor]]]:
+    """One Hessian per group of linears that read the same input, fed by a pre-hook on the group's first linear.
+
+    Only real tokens count (the hook reads the current batch's validity mask from the yielded one-element
+    list). With ``stop_after_last`` the last group's hook ends the forward once its input is recorded.
+    """
     accs: list[HessianAccumulator] = []
+    current: list[torch.Tensor] = [torch.empty(0)]
     handles = []
-    for group in groups:
+    for gi, group in enumerate(groups):
         lin = layer.get_submodule(group[0])
         acc = HessianAccumulator(lin.in_features, device)
         accs.append(acc)
+        stop = stop_after_last and gi == len(groups) - 1
 
-        def hook(_m: nn.Module, inp: tuple, _out: torch.Tensor, acc: HessianAccumulator = acc) -> None:
-            acc.add(inp[0].detach())
+        def hook(_m: nn.Module, inp: tuple, acc: HessianAccumulator = acc, stop: bool = stop) -> None:
+            acc.add(inp[0].detach()[current[0]])
+            if stop:
+                raise _StopForward
 
-        handles.append(lin.register_forward_hook(hook))
+        handles.append(lin.register_forward_pre_hook(hook))
     try:
-        yield accs
+        yield accs, current
     finally:
         for h in handles:
             h.remove()
 
 
-def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-    return [_layer_output(layer(hidden, **kwargs)) for hidden, kwargs in inputs]
+def _run_layer(layer: nn.Module, batches: list[CalibrationBatch], current: list[torch.Tensor] | None = None
+               ) -> list[torch.Tensor]:
+    """The layer's outputs for every batch; with ``current`` (a hook's mask slot), set it to each batch's mask."""
+    outs = []
+    for batch in batches:
+        if current is not None:
+            current[0] = batch.valid
+        with suppress(_StopForward):
+            outs.append(_layer_output(layer(batch.hidden, **batch.kwargs)))
+    return outs
 
 
 def quantize_sequential(
@@ -154,8 +219,10 @@ def quantize_sequential(
         layer_reports: list[LayerReport] = []
         with torch.no_grad():
             for groups in passes:
-                with _hessian_hooks(layer, groups, device) as accs:
-                    _run_layer(layer, inputs)
+                # The layer's last linear (down_proj) ends the pass: its own product is not needed.
+                last = groups[-1] == input_groups[-1] and input_groups[-1][-1] == spec.sequential[-1][-1]
+                with _hessian_hooks(layer, groups, device, stop_after_last=last) as (accs, current):
+                    _run_layer(layer, inputs, current)
                 for group, acc in zip(groups, accs, strict=True):
                     t0 = time.perf_counter()
                     h = acc.finalize()
@@ -177,7 +244,7 @@ def quantize_sequential(
                         t0 = time.perf_counter()
                     del h
             outputs = _run_layer(layer, inputs)
-        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs, strict=True)]
+        inputs = [CalibrationBatch(out, b.kwargs, b.valid) for out, b in zip(outputs, inputs, strict=True)]
         layers[i] = layer.to("meta")
         result.reports.extend(layer_reports)
         if on_layer is not None:

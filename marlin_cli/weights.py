@@ -64,4 +64,5 @@ class WeightStore:
             value = self.get(full)
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
-            set_module_tensor_to_device(module, name, device, value=value)
+            # dtype= keeps the value's dtype; without it accelerate casts to the meta tensor's (config) dtype.
+            set_module_tensor_to_device(module, name, device, value=value, dtype=value.dtype)

@@ -1,12 +1,16 @@
 // The fused Marlin kernel: C[m, n] = A[m, k] @ dequant(B)[k, n] for m <= 32 per launch, fp32 accumulation.
 //
 // Work split. The output is cut into column blocks of 64*WARPS columns and k into tiles of 64 rows;
-// a (column block, k tile) pair is one unit of work, numbered column-block-major. Each of the `grid`
-// thread blocks streams one contiguous run of `tiles_per_cta` units ("stream-k"), so every SM gets the
-// same amount of weight to read whatever the shape. A run that covers only part of a column block's k
-// range produces a partial sum ("segment") in an fp32 scratch buffer; a second small kernel adds the
-// segments of each split column block in segment order and writes C. Results are bit-identical from run
-// to run, no block ever waits on another, and there is no state left between launches (graph-safe).
+// a (column block, k tile) pair is one unit of work, numbered column-block-major. Two plans:
+//  - split: every column block's k range is cut into `splits` equal parts; block b takes column block
+//    b % n_blocks, part b / n_blocks. Blocks that run at the same time read the same rows of A and
+//    neighbouring columns of the weights.
+//  - stream-k: each block streams one contiguous run of `tiles_per_cta` units, so every SM gets the same
+//    amount of weight to read whatever the shape (used when column blocks x parts would leave SMs idle).
+// A block that covers only part of a column block's k range produces a partial sum ("segment") in an
+// fp32 scratch buffer; a second small kernel adds the segments of each split column block in segment
+// order and writes C. Results are bit-identical from run to run, no block ever waits on another, and
+// there is no state left between launches (graph-safe).
 //
 // Inside a block: WARPS warps, one 64-column strip each, over the 64 x 64*WARPS tile (4 k16 strips per
 // warp).
@@ -118,7 +122,7 @@ __device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4
   using T2 = typename Tr::T2;
   const int row0 = lane / 4;        // + 8 * h + 16 * b: this lane's rows
   const int col0 = 2 * (lane % 4);  // + 8 * j: this lane's column pair in n8 tile j
-  float* part = scratch + static_cast<size_t>(strip * max_segs + seg) * (kMaxRows * 64);
+  float* part = scratch + static_cast<size_t>(strip * abs(max_segs) + seg) * (kMaxRows * 64);
 #pragma unroll
   for (int b = 0; b < M_BLOCKS; ++b)
 #pragma unroll
@@ -139,8 +143,15 @@ __device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4
     }
 }
 
-// Segments of column block nb: blocks first..last cover its k range (runs of tiles_per_cta units).
-__device__ __forceinline__ void segment_range(int nb, int k_tiles, int tiles_per_cta, int& first, int& count) {
+// Segments of column block nb. Stream-k plan (splits == 0): blocks first..first+count-1 cover its k range
+// (runs of tiles_per_cta units). Split plan: count = splits (block b holds segment b / n_blocks).
+__device__ __forceinline__ void segment_range(int nb, int k_tiles, int tiles_per_cta, int splits, int& first,
+                                              int& count) {
+  if (splits > 0) {
+    first = 0;
+    count = splits;
+    return;
+  }
   first = nb * k_tiles / tiles_per_cta;
   count = (nb * k_tiles + k_tiles - 1) / tiles_per_cta - first + 1;
 }
@@ -155,7 +166,8 @@ __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_
                               int m,                              // rows, 1..64
                               int n,                              // columns, multiple of 64
                               int k_tiles,                        // k / 64
-                              int tiles_per_cta,                  // run length of the gemm launch
+                              int tiles_per_cta,                  // stream-k run length of the gemm launch
+                              int splits,                         // split plan: k parts per column block, else 0
                               int strips_per_block,               // 64-column strips per column block
                               int max_segs,                       // segment slots per strip
                               int lanes_log2) {                   // log2 of lanes per output: 0, 1, 2
@@ -170,7 +182,7 @@ __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_
   const int row = valid ? idx / (n / 2) : 0, col = valid ? 2 * (idx % (n / 2)) : 0;
   const int strip = col / 64;
   int first = 0, n_segs = 0;
-  segment_range(strip / strips_per_block, k_tiles, tiles_per_cta, first, n_segs);
+  segment_range(strip / strips_per_block, k_tiles, tiles_per_cta, splits, first, n_segs);
   const int per_lane = (n_segs + lanes - 1) >> lanes_log2;
   const int s_begin = quarter * per_lane;
   const int s_end = valid && n_segs > 1 ? min(s_begin + per_lane, n_segs) : s_begin;
@@ -226,9 +238,9 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
                 int lda,                           // row stride of A in elements
                 int group,                         // rows per scale group: 32, 64, 128, or k per channel
                 int per_channel,                   // 1: scales use the per-channel permutation
-                int tiles_per_cta,                 // units of work per block (last block may get fewer)
-                int max_segs,                      // segment slots per strip in scratch
-                int prefetch_tiles) {              // units of the run warmed in L2 before the PDL wait
+                int tiles_per_cta,                 // stream-k: units of work per block (last may get fewer)
+                int splits,                        // split plan: k parts per column block; 0: stream-k
+                int max_segs) {                    // segment slots per strip in scratch
   using Tr = Traits<T>;
   using L = StageLayout<M_BLOCKS, WARPS>;
   constexpr int kWarps = WARPS;
@@ -241,8 +253,16 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   const int k_tiles = k / kTileK;
   const int n_strips = n / 64;
   const int n_blocks = (n + kTileN - 1) / kTileN;
-  const int begin = blockIdx.x * tiles_per_cta;
-  const int end = min(begin + tiles_per_cta, n_blocks * k_tiles);
+  int begin, end;  // this block's units
+  if (splits > 0) {
+    int part = blockIdx.x / n_blocks, nb0 = blockIdx.x - part * n_blocks;
+    if (max_segs < 0) part = blockIdx.x % splits, nb0 = blockIdx.x / splits;  // DEV order knob
+    begin = nb0 * k_tiles + part * k_tiles / splits;
+    end = nb0 * k_tiles + (part + 1) * k_tiles / splits;
+  } else {
+    begin = blockIdx.x * tiles_per_cta;
+    end = min(begin + tiles_per_cta, n_blocks * k_tiles);
+  }
   const int n_words = n / 2;                   // 16-byte vectors per k16 row of qweight
   const bool group32 = !per_channel && group == 32;  // a tile spans two scale groups
   const int scale_rows = group32 ? 2 : 1;      // scale rows fetched per tile
@@ -344,22 +364,6 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[b][j][e] = grp[b][j][e] = 0.f;
 
-  // Warm L2 with the first units of this block's weights while the previous kernel in the stream may still
-  // run. Only L2 is touched (no data enters the block before the wait), so this stays correct even when
-  // that kernel writes the weights: its writes land in the same L2 lines.
-  {
-    constexpr int kLines = 4 * WARPS;  // 128-byte lines per k16 row of a column block (2 KB for 4 warps)
-    const int rows = min(prefetch_tiles, end - begin) * kStrips;
-    const int line = tid % kLines;
-    for (int p = tid / kLines; p < rows; p += 32 * WARPS / kLines) {
-      const int u = begin + p / kStrips;
-      const int u_nb = u / k_tiles, u_kt = u - u_nb * k_tiles;
-      const int strip = u_nb * WARPS + line / 4;
-      if (strip < n_strips) {
-        prefetch_l2(qweight + static_cast<size_t>(u_kt * kStrips + p % kStrips) * n_words + strip * 32 + (line % 4) * 8);
-      }
-    }
-  }
   // Wait for the previous kernel in the stream (programmatic dependent launch): this block's launch and
   // address setup overlapped its tail, but any of the inputs may be its output.
   grid_dependency_wait();
@@ -450,8 +454,9 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       }
       if (seg_end) {
         int first = 0, n_segs = 0;
-        segment_range(nb, k_tiles, tiles_per_cta, first, n_segs);
-        finish_segment<T, M_BLOCKS>(acc, c, scratch, m, n, strip, blockIdx.x - first, n_segs == 1, max_segs, lane);
+        segment_range(nb, k_tiles, tiles_per_cta, splits, first, n_segs);
+        const int seg = splits > 0 ? (max_segs < 0 ? static_cast<int>(blockIdx.x) % splits : static_cast<int>(blockIdx.x) / n_blocks) : static_cast<int>(blockIdx.x) - first;
+        finish_segment<T, M_BLOCKS>(acc, c, scratch, m, n, strip, seg, n_segs == 1, max_segs, lane);
 #pragma unroll
         for (int b = 0; b < M_BLOCKS; ++b)
 #pragma unroll
@@ -496,7 +501,7 @@ struct Config<4> {
 
 // Largest number of blocks any configuration launches per SM, and the narrowest column block (both
 // size the scratch buffer).
-constexpr int kMaxBlocksPerSm = 5;
+constexpr int kMaxBlocksPerSm = 4;
 constexpr int kMinTileN = 256;
 // How finely a column block's k range may be split (minimum run length in tiles). Each segment of a strip
 // costs m x 64 fp32 partial sums written and read back through L2 (512 m bytes) against 2 KB of weights
@@ -512,11 +517,13 @@ int min_run_tiles(int m, int k_tiles) {
 
 struct Plan {
   int grid;            // thread blocks launched
-  int tiles_per_cta;   // units of work per block
+  int tiles_per_cta;   // stream-k: units of work per block (0 in the split plan)
+  int splits;          // split plan: k parts per column block (0 in the stream-k plan)
   int max_segs;        // segments any column block may be split into
 };
 
-Plan make_plan(int n, int k, int m, int ctas, int tile_n) {
+// Stream-k plan over `ctas` block slots.
+Plan stream_k_plan(int n, int k, int m, int ctas, int tile_n) {
   const int k_tiles = k / kTileK;
   const int n_blocks = (n + tile_n - 1) / tile_n;
   const int total = n_blocks * k_tiles;
@@ -525,7 +532,34 @@ Plan make_plan(int n, int k, int m, int ctas, int tile_n) {
   const int min_tiles = min_run_tiles(m, k_tiles);
   if (p.tiles_per_cta < min_tiles) p.tiles_per_cta = min_tiles;
   p.grid = (total + p.tiles_per_cta - 1) / p.tiles_per_cta;
+  p.splits = 0;
   p.max_segs = (k_tiles + p.tiles_per_cta - 1) / p.tiles_per_cta + 1;
+  return p;
+}
+
+// k parts per column block for the split plan: as many as fill the `ctas` slots, parts of at least
+// min_run_tiles, never more than k_tiles (every part gets a tile).
+int split_count(int n, int k, int m, int ctas, int tile_n) {
+  const int k_tiles = k / kTileK;
+  const int n_blocks = (n + tile_n - 1) / tile_n;
+  int splits = ctas / n_blocks;
+  if (splits > k_tiles) splits = k_tiles;
+  while (splits > 1 && k_tiles / splits < min_run_tiles(m, k_tiles)) --splits;
+  return splits < 1 ? 1 : splits;
+}
+
+// The split plan where it keeps >= 90% of the block slots busy, and always for m > 16 (measured on the
+// H100: never slower, and 10-25% faster at m = 32 and 64); else stream-k (e.g. n = 57344 at m <= 16:
+// 224 column blocks x 2 parts fill 85% of 528 slots, and stream-k was 2% faster).
+Plan make_plan(int n, int k, int m, int ctas, int tile_n) {
+  const int n_blocks = (n + tile_n - 1) / tile_n;
+  const int splits = split_count(n, k, m, ctas, tile_n);
+  if (m <= 16 && n_blocks * splits * 10 < ctas * 9) return stream_k_plan(n, k, m, ctas, tile_n);
+  Plan p;
+  p.grid = n_blocks * splits;
+  p.tiles_per_cta = 0;
+  p.splits = splits;
+  p.max_segs = splits;
   return p;
 }
 
@@ -562,22 +596,19 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  const char* dev_waves = getenv("MARLIN_DEV_WAVES");  // DEV KNOB (temporary)
-  const int waves = dev_waves ? atoi(dev_waves) : 1;
-  const Plan plan = make_plan(n, k, m, sms * C::kBlocksPerSm * waves, 64 * C::kWarps);
-  const char* dev_pf = getenv("MARLIN_DEV_PF");  // DEV KNOB (temporary)
-  const int prefetch_tiles = dev_pf ? atoi(dev_pf) : 0;
+  const Plan plan = make_plan(n, k, m, sms * C::kBlocksPerSm, 64 * C::kWarps);
   if (launch_kernel(kernel, plan.grid, 32 * C::kWarps, smem, stream, pdl, a, qweight, scales, c, scratch, m, n, k,
-                    lda, group, per_channel, plan.tiles_per_cta, plan.max_segs, prefetch_tiles) != cudaSuccess) {
+                    lda, group, per_channel, plan.tiles_per_cta, plan.splits, getenv("MARLIN_DEV_ORD") ? -plan.max_segs : plan.max_segs) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
   const int k_tiles = k / kTileK;
-  if (plan.tiles_per_cta % k_tiles != 0) {  // some column block is split into segments
+  if (plan.splits > 1 || (plan.splits == 0 && plan.tiles_per_cta % k_tiles != 0)) {  // segments to add
     // Up to 16 segments per lane (one batch of loads in flight).
     const int lanes_log2 = plan.max_segs > 32 ? 2 : plan.max_segs > 16 ? 1 : 0;
     const int threads = 256, total_lanes = (m * (n / 2)) << lanes_log2;
     if (launch_kernel(reduce_kernel<T>, (total_lanes + threads - 1) / threads, threads, 0, stream, pdl,
-                      static_cast<const float*>(scratch), c, m, n, k_tiles, plan.tiles_per_cta, C::kWarps,
+                      static_cast<const float*>(scratch), c, m, n, k_tiles, plan.tiles_per_cta, plan.splits,
+                      C::kWarps,
                       plan.max_segs, lanes_log2) != cudaSuccess) {
       return MARLIN_ERR_LAUNCH;
     }
@@ -600,26 +631,15 @@ int gemm_rows(const T* a, const int4* qweight, const T* scales, T* c, float* scr
     const T* a_rows = a + static_cast<size_t>(m0) * lda;
     T* c_rows = c + static_cast<size_t>(m0) * n;
     int status;
-    const char* dev_v = getenv("MARLIN_DEV_V");  // DEV KNOB (temporary)
-    const int v = dev_v ? atoi(dev_v) : 0;
-    if (rows <= 16 && v == 1) {
-      status = launch<T, 1, false, DevConfig<4, 5, 4>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                                       per_channel, sms, pdl, stream);
-    } else if (rows <= 16 && v == 2) {
-      status = launch<T, 1, false, DevConfig<8, 4, 2>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                                       per_channel, sms, pdl, stream);
-    } else if (rows <= 16 && v == 3) {
-      status = launch<T, 1, false, DevConfig<4, 3, 4>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                                       per_channel, sms, pdl, stream);
-    } else if (rows <= 16 && v == 4) {
-      status = launch<T, 1, false, DevConfig<4, 3, 5>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                                       per_channel, sms, pdl, stream);
-    } else if (rows <= 16 && v == 5) {
-      status = launch<T, 1, false, DevConfig<4, 4, 5>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                                       per_channel, sms, pdl, stream);
-    } else if (rows <= 16) {
+    if (rows <= 16) {
       status = launch<T, 1, false>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group, per_channel, sms,
                                    pdl, stream);
+    } else if ((rows <= 32 || !kFp16) && getenv("MARLIN_DEV_V") && atoi(getenv("MARLIN_DEV_V")) == 8) {
+      status = launch<T, 2, false, DevConfig<8, 4, 1>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
+                                                       per_channel, sms, pdl, stream);
+    } else if (getenv("MARLIN_DEV_V") && atoi(getenv("MARLIN_DEV_V")) == 8) {
+      status = launch<T, kFp16 ? 4 : 2, kFp16, DevConfig<8, 4, 1>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k,
+                                                                   lda, group, per_channel, sms, pdl, stream);
     } else if (rows <= 32 || !kFp16) {
       status = launch<T, 2, false>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group, per_channel, sms,
                                    pdl, stream);
@@ -654,11 +674,11 @@ const char* marlin_status_string(int status) {
 
 size_t marlin_scratch_bytes(int n, int k, int sms) {
   if (n < 64 || k < 64 || sms < 1) return 0;
-  // More blocks means shorter runs and more segments per column block: size for the largest grid.
-  const char* dev_waves = getenv("MARLIN_DEV_WAVES");  // DEV KNOB (temporary)
-  const int waves = dev_waves ? atoi(dev_waves) : 1;
-  const marlin::Plan p = marlin::make_plan(n, k, 1, sms * marlin::kMaxBlocksPerSm * waves, marlin::kMinTileN);
-  return static_cast<size_t>(n / 64) * p.max_segs * marlin::kMaxRows * 64 * sizeof(float);
+  // More blocks means more segments per column block: size for the largest grid, under either plan.
+  const int ctas = sms * marlin::kMaxBlocksPerSm;
+  const int sk = marlin::stream_k_plan(n, k, 1, ctas, marlin::kMinTileN).max_segs;
+  const int sp = marlin::split_count(n, k, 1, ctas, marlin::kMinTileN);
+  return static_cast<size_t>(n / 64) * (sk > sp ? sk : sp) * marlin::kMaxRows * 64 * sizeof(float);
 }
 
 int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void* c, float* scratch,

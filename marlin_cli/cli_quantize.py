@@ -45,9 +45,10 @@ def quantize_command(model: str, out: Path, dataset: str | None, nsamples: int |
     if not quiet:
         spec_linears = arch_spec(json.loads((result.out_dir / "config.json").read_text())["model_type"]).linears
         click.echo(format_report(result.reports, spec_linears))
+    calibration = (f"calibration {rec['nsamples']} x <= {rec['seqlen']} tokens of {rec['dataset']}" if rec["nsamples"]
+                   else "no calibration data")
     click.echo(f"\nwrote {result.out_dir}  ({result.checkpoint_mb:.1f} MB, {len(rec['layers'])} linears, "
-               f"{rec['method']} g{rec['group_size']}, calibration {rec['nsamples']} x <= {rec['seqlen']} tokens "
-               f"of {rec['dataset']})")
+               f"{rec['method']} g{rec['group_size']}, {calibration})")
     click.echo(f"quantization {rec['quantize_seconds']:.1f} s, total {result.seconds:.1f} s, "
                f"peak memory {result.peak_rss_mb:.0f} MB")
 

@@ -69,7 +69,7 @@ def codes_from_grid(name: str, w: torch.Tensor, s: torch.Tensor, group_size: int
 def pack_fake_quantized(model: Path | str, scales_file: Path, group_size: int, out: Path,
                         force: bool = False) -> tuple[Path, int]:
     """Write a Marlin checkpoint from a fake-quantized model. Returns (checkpoint folder, linears packed)."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
@@ -84,7 +84,7 @@ def pack_fake_quantized(model: Path | str, scales_file: Path, group_size: int, o
         raise MarlinError(f"scales file {scales_file} does not exist")
     try:
         scales = load_file(str(scales_file))
-    except (SafetensorsError, OSError) as err:
+    except (SafetensorError, OSError) as err:
         raise MarlinError(f"could not read {scales_file} as safetensors: {err}") from err
     config = AutoConfig.from_pretrained(model_dir)
     arch_spec(config.model_type)

@@ -47,8 +47,8 @@ class QuantizeOptions:
         builtin = self.model in BUILTIN_ALIASES
         opts = QuantizeOptions(**{**asdict(self), "out": Path(self.out)})
         opts.dataset = self.dataset or ("pydocs" if builtin else "redpajama")
-        opts.nsamples = self.nsamples or (64 if builtin else 256)
-        opts.seqlen = self.seqlen or (512 if builtin else 4096)
+        opts.nsamples = (64 if builtin else 256) if self.nsamples is None else self.nsamples
+        opts.seqlen = (512 if builtin else 4096) if self.seqlen is None else self.seqlen
         try:
             fmt.check_group_size(opts.group_size)
         except ValueError as err:

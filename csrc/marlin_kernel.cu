@@ -3,8 +3,7 @@
 // Work split. The output is cut into column blocks of 64*WARPS columns and k into tiles of 64 rows;
 // a (column block, k tile) pair is one unit of work, numbered column-block-major. Two plans:
 //  - split: every column block's k range is cut into `splits` equal parts; block b takes column block
-//    b % n_blocks, part b / n_blocks. Blocks that run at the same time read the same rows of A and
-//    neighbouring columns of the weights.
+//    b / splits, part b % splits.
 //  - stream-k: each block streams one contiguous run of `tiles_per_cta` units, so every SM gets the same
 //    amount of weight to read whatever the shape (used when column blocks x parts would leave SMs idle).
 // A block that covers only part of a column block's k range produces a partial sum ("segment") in an
@@ -22,7 +21,6 @@
 #include "marlin_kernel.h"
 #include "marlin_ptx.cuh"
 
-#include <cstdlib>
 #include <type_traits>
 
 namespace marlin {
@@ -122,7 +120,7 @@ __device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4
   using T2 = typename Tr::T2;
   const int row0 = lane / 4;        // + 8 * h + 16 * b: this lane's rows
   const int col0 = 2 * (lane % 4);  // + 8 * j: this lane's column pair in n8 tile j
-  float* part = scratch + static_cast<size_t>(strip * abs(max_segs) + seg) * (kMaxRows * 64);
+  float* part = scratch + static_cast<size_t>(strip * max_segs + seg) * (kMaxRows * 64);
 #pragma unroll
   for (int b = 0; b < M_BLOCKS; ++b)
 #pragma unroll
@@ -144,7 +142,7 @@ __device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4
 }
 
 // Segments of column block nb. Stream-k plan (splits == 0): blocks first..first+count-1 cover its k range
-// (runs of tiles_per_cta units). Split plan: count = splits (block b holds segment b / n_blocks).
+// (runs of tiles_per_cta units). Split plan: count = splits (block b holds segment b % splits).
 __device__ __forceinline__ void segment_range(int nb, int k_tiles, int tiles_per_cta, int splits, int& first,
                                               int& count) {
   if (splits > 0) {
@@ -255,8 +253,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   const int n_blocks = (n + kTileN - 1) / kTileN;
   int begin, end;  // this block's units
   if (splits > 0) {
-    int part = blockIdx.x / n_blocks, nb0 = blockIdx.x - part * n_blocks;
-    if (max_segs < 0) part = blockIdx.x % splits, nb0 = blockIdx.x / splits;  // DEV order knob
+    const int nb0 = blockIdx.x / splits, part = blockIdx.x - nb0 * splits;
     begin = nb0 * k_tiles + part * k_tiles / splits;
     end = nb0 * k_tiles + (part + 1) * k_tiles / splits;
   } else {
@@ -455,7 +452,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       if (seg_end) {
         int first = 0, n_segs = 0;
         segment_range(nb, k_tiles, tiles_per_cta, splits, first, n_segs);
-        const int seg = splits > 0 ? (max_segs < 0 ? static_cast<int>(blockIdx.x) % splits : static_cast<int>(blockIdx.x) / n_blocks) : static_cast<int>(blockIdx.x) - first;
+        const int seg = splits > 0 ? static_cast<int>(blockIdx.x) % splits : static_cast<int>(blockIdx.x) - first;
         finish_segment<T, M_BLOCKS>(acc, c, scratch, m, n, strip, seg, n_segs == 1, max_segs, lane);
 #pragma unroll
         for (int b = 0; b < M_BLOCKS; ++b)
@@ -581,16 +578,10 @@ cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, int 
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
-template <int W, int S, int B>
-struct DevConfig {
-  static constexpr int kWarps = W;
-  static constexpr int kStages = S;
-  static constexpr int kBlocksPerSm = B;
-};
-
-template <typename T, int M_BLOCKS, bool SCALE_B, typename C = Config<M_BLOCKS>>
+template <typename T, int M_BLOCKS, bool SCALE_B>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n, int k,
            int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
+  using C = Config<M_BLOCKS>;
   auto kernel = gemm_kernel<T, M_BLOCKS, C::kWarps, C::kStages, C::kBlocksPerSm, SCALE_B>;
   constexpr int smem = smem_bytes<M_BLOCKS, C::kWarps, C::kStages>();
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
@@ -598,7 +589,7 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   }
   const Plan plan = make_plan(n, k, m, sms * C::kBlocksPerSm, 64 * C::kWarps);
   if (launch_kernel(kernel, plan.grid, 32 * C::kWarps, smem, stream, pdl, a, qweight, scales, c, scratch, m, n, k,
-                    lda, group, per_channel, plan.tiles_per_cta, plan.splits, getenv("MARLIN_DEV_ORD") ? -plan.max_segs : plan.max_segs) != cudaSuccess) {
+                    lda, group, per_channel, plan.tiles_per_cta, plan.splits, plan.max_segs) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
   const int k_tiles = k / kTileK;
@@ -634,12 +625,6 @@ int gemm_rows(const T* a, const int4* qweight, const T* scales, T* c, float* scr
     if (rows <= 16) {
       status = launch<T, 1, false>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group, per_channel, sms,
                                    pdl, stream);
-    } else if ((rows <= 32 || !kFp16) && getenv("MARLIN_DEV_V") && atoi(getenv("MARLIN_DEV_V")) == 8) {
-      status = launch<T, 2, false, DevConfig<8, 4, 1>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group,
-                                                       per_channel, sms, pdl, stream);
-    } else if (getenv("MARLIN_DEV_V") && atoi(getenv("MARLIN_DEV_V")) == 8) {
-      status = launch<T, kFp16 ? 4 : 2, kFp16, DevConfig<8, 4, 1>>(a_rows, qweight, scales, c_rows, scratch, rows, n, k,
-                                                                   lda, group, per_channel, sms, pdl, stream);
     } else if (rows <= 32 || !kFp16) {
       status = launch<T, 2, false>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group, per_channel, sms,
                                    pdl, stream);

@@ -29,13 +29,6 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* gmem,
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
 }
 
-// Hint: bring the 128-byte line holding `gmem` into L2 (no data returned, no ordering implied). L2 is the
-// single point of coherence for device memory, so warming it is harmless even before the writer of that
-// memory has finished.
-__device__ __forceinline__ void prefetch_l2(const void* gmem) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(gmem));
-}
-
 // 16-byte shared-memory load.
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;

@@ -21,8 +21,6 @@
 #include "marlin_kernel.h"
 #include "marlin_ptx.cuh"
 
-#include <cstdio>
-#include <cstdlib>
 #include <type_traits>
 
 namespace marlin {
@@ -143,56 +141,6 @@ __device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4
     }
 }
 
-// Cluster plan (sm_90): the `splits` blocks of one column block form a thread block cluster. Each block
-// leaves its partial sums in its own shared memory ([WARPS][16*M_BLOCKS rows][64 columns] fp32, over the
-// idle pipeline stages); after a cluster barrier, block `rank` adds rank's share of the column block's
-// outputs over the cluster's blocks in rank order (distributed shared memory) and writes C. No scratch
-// and no second kernel; the fixed order keeps results identical run to run.
-template <typename T, int M_BLOCKS, int WARPS>
-__device__ __forceinline__ void cluster_finish(const float (&acc)[M_BLOCKS][8][4], int4* smem, T* c, int m, int n,
-                                               int nb, int splits, int warp, int lane, int tid) {
-  using T2 = typename Traits<T>::T2;
-  constexpr int kRows = 16 * M_BLOCKS;
-  constexpr int kPairs = 32 * WARPS;  // column pairs per row of a column block
-  float* red = reinterpret_cast<float*>(smem);
-  __syncthreads();  // every warp is done with the pipeline stages
-  const int row0 = lane / 4, col0 = 2 * (lane % 4);
-#pragma unroll
-  for (int b = 0; b < M_BLOCKS; ++b)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        *reinterpret_cast<float2*>(red + (warp * kRows + b * 16 + h * 8 + row0) * 64 + 8 * j + col0) =
-            make_float2(acc[b][j][2 * h], acc[b][j][2 * h + 1]);
-      }
-  cluster_sync();  // all partial sums of the cluster are in place
-  const uint32_t red_sh = smem_addr(red);
-  const int rank = static_cast<int>(cluster_rank());
-  const int pairs = m * kPairs;
-  const int p_end = (rank + 1) * pairs / splits;
-  for (int p = rank * pairs / splits + tid; p < p_end; p += 32 * WARPS) {
-    const int row = p / kPairs, col = 2 * (p - row * kPairs);  // column within the column block
-    const uint32_t addr = red_sh + 4 * (((col / 64) * kRows + row) * 64 + col % 64);
-    float2 sum = make_float2(0.f, 0.f);
-    int s = 0;
-    for (; s + 4 <= splits; s += 4) {  // four loads in flight, added in rank order
-      float2 v[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = ld_cluster_f2(cluster_map(addr, s + i));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) sum.x += v[i].x, sum.y += v[i].y;
-    }
-    for (; s < splits; ++s) {
-      const float2 v = ld_cluster_f2(cluster_map(addr, s));
-      sum.x += v.x, sum.y += v.y;
-    }
-    const int gcol = nb * 64 * WARPS + col;
-    if (gcol < n) *reinterpret_cast<T2*>(c + static_cast<size_t>(row) * n + gcol) = Traits<T>::pack2(sum.x, sum.y);
-  }
-  cluster_sync();  // no block exits while others may still read its shared memory
-}
-
 // Segments of column block nb. Stream-k plan (splits == 0): blocks first..first+count-1 cover its k range
 // (runs of tiles_per_cta units). Split plan: count = splits (block b holds segment b % splits).
 __device__ __forceinline__ void segment_range(int nb, int k_tiles, int tiles_per_cta, int splits, int& first,
@@ -290,8 +238,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
                 int per_channel,                   // 1: scales use the per-channel permutation
                 int tiles_per_cta,                 // stream-k: units of work per block (last may get fewer)
                 int splits,                        // split plan: k parts per column block; 0: stream-k
-                int max_segs,                      // segment slots per strip in scratch
-                int cluster) {                     // 1: split plan launched as clusters of `splits` blocks
+                int max_segs) {                    // segment slots per strip in scratch
   using Tr = Traits<T>;
   using L = StageLayout<M_BLOCKS, WARPS>;
   constexpr int kWarps = WARPS;
@@ -502,7 +449,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
         // Fold the group sum when the next tile starts another group, or the segment ends.
         fold_group<T, M_BLOCKS>(acc, grp, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
       }
-      if (seg_end && !cluster) {
+      if (seg_end) {
         int first = 0, n_segs = 0;
         segment_range(nb, k_tiles, tiles_per_cta, splits, first, n_segs);
         const int seg = splits > 0 ? static_cast<int>(blockIdx.x) % splits : static_cast<int>(blockIdx.x) - first;
@@ -520,12 +467,6 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   }
   launch_dependents();
   cp_async_wait<0>();
-  if (cluster) {
-    static_assert(WARPS * 16 * M_BLOCKS * 64 * 4 <= 16 * STAGES * L::kStage,
-                  "partial sums must fit in the pipeline's shared memory");
-    cluster_finish<T, M_BLOCKS, WARPS>(acc, smem, c, m, n, static_cast<int>(blockIdx.x) / splits, splits, warp, lane,
-                                       tid);
-  }
 }
 
 // Launch configuration per number of m16 row blocks. Weights in flight per SM = blocks x (stages - 1)
@@ -621,62 +562,20 @@ Plan make_plan(int n, int k, int m, int ctas, int tile_n) {
 
 // Launch with programmatic stream serialization when `pdl` (sm_90+): the kernel may start while the
 // previous kernel in the stream finishes, and waits for it (grid_dependency_wait) before using its data.
-// With cluster > 0, consecutive groups of `cluster` blocks form thread block clusters (sm_90+).
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, int smem, cudaStream_t stream, bool pdl,
-                          int cluster, Args... args) {
+                          Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attrs[2] = {};
-  int n_attrs = 0;
-  if (pdl) {
-    attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[n_attrs++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster > 0) {
-    attrs[n_attrs].id = cudaLaunchAttributeClusterDimension;
-    attrs[n_attrs].val.clusterDim.x = cluster;
-    attrs[n_attrs].val.clusterDim.y = 1;
-    attrs[n_attrs++].val.clusterDim.z = 1;
-  }
-  cfg.attrs = attrs;
-  cfg.numAttrs = n_attrs;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
-}
-
-// Whether the split plan can run as clusters of plan.splits blocks with every cluster resident at once
-// (sm_90: up to 8 blocks per cluster portably, 16 where the device allows it).
-template <typename Kernel>
-bool clusters_fit(Kernel kernel, const Plan& plan, int threads, int smem) {
-  constexpr int kMaxCluster = 16;
-  if (plan.splits < 2 || plan.splits > kMaxCluster) return false;
-  if (plan.splits > 8 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(plan.grid);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
   cudaLaunchAttribute attr = {};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = plan.splits;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  int max_clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &cfg) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  if (getenv("MARLIN_DEV_DEBUG")) printf("clusters: grid %d splits %d need %d max %d\n", plan.grid, plan.splits, plan.grid / plan.splits, max_clusters);
-  if (getenv("MARLIN_DEV_CLUSTER") && atoi(getenv("MARLIN_DEV_CLUSTER")) == 2) return true;
-  return max_clusters >= plan.grid / plan.splits;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
 template <typename T, int M_BLOCKS, bool SCALE_B>
@@ -689,20 +588,16 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
     return MARLIN_ERR_LAUNCH;
   }
   const Plan plan = make_plan(n, k, m, sms * C::kBlocksPerSm, 64 * C::kWarps);
-  const char* dev_cl = getenv("MARLIN_DEV_CLUSTER");  // DEV KNOB (temporary)
-  const bool cluster = pdl && /* sm_90+, as for PDL */ !(dev_cl && atoi(dev_cl) == 0) && clusters_fit(kernel, plan, 32 * C::kWarps, smem);
-  if (launch_kernel(kernel, plan.grid, 32 * C::kWarps, smem, stream, pdl, cluster ? plan.splits : 0, a, qweight,
-                    scales, c, scratch, m, n, k, lda, group, per_channel, plan.tiles_per_cta, plan.splits,
-                    plan.max_segs, cluster ? 1 : 0) != cudaSuccess) {
+  if (launch_kernel(kernel, plan.grid, 32 * C::kWarps, smem, stream, pdl, a, qweight, scales, c, scratch, m, n, k,
+                    lda, group, per_channel, plan.tiles_per_cta, plan.splits, plan.max_segs) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
   const int k_tiles = k / kTileK;
-  if (cluster) return MARLIN_OK;  // the clusters wrote C
   if (plan.splits > 1 || (plan.splits == 0 && plan.tiles_per_cta % k_tiles != 0)) {  // segments to add
     // Up to 16 segments per lane (one batch of loads in flight).
     const int lanes_log2 = plan.max_segs > 32 ? 2 : plan.max_segs > 16 ? 1 : 0;
     const int threads = 256, total_lanes = (m * (n / 2)) << lanes_log2;
-    if (launch_kernel(reduce_kernel<T>, (total_lanes + threads - 1) / threads, threads, 0, stream, pdl, 0,
+    if (launch_kernel(reduce_kernel<T>, (total_lanes + threads - 1) / threads, threads, 0, stream, pdl,
                       static_cast<const float*>(scratch), c, m, n, k_tiles, plan.tiles_per_cta, plan.splits,
                       C::kWarps,
                       plan.max_segs, lanes_log2) != cudaSuccess) {

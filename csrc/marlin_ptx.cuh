@@ -68,42 +68,6 @@ __device__ __forceinline__ void launch_dependents() {
 #endif
 }
 
-// Thread block clusters (sm_90+; callers only take these paths on sm_90, and they compile to nothing
-// before). cluster_sync: barrier over every thread of the cluster, ordering shared-memory writes before it
-// with reads after it in any block of the cluster. All threads of each warp must call it together.
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-
-// Rank of this block in its cluster.
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-#endif
-  return r;
-}
-
-// The address `addr` (this block's shared memory) in the shared memory of the cluster's block `rank`.
-__device__ __forceinline__ uint32_t cluster_map(uint32_t addr, uint32_t rank) {
-  uint32_t d = addr;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(d) : "r"(addr), "r"(rank));
-#endif
-  return d;
-}
-
-// 8-byte load from a cluster shared-memory address (from cluster_map).
-__device__ __forceinline__ float2 ld_cluster_f2(uint32_t addr) {
-  float2 v = make_float2(0.f, 0.f);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
-#endif
-  return v;
-}
-
 // Four 8x8 b16 matrices from shared memory: lane l gives the address of row (l % 8) of matrix (l / 8).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"

@@ -128,6 +128,10 @@ def quantize(options: QuantizeOptions, progress: bool = True, keep_matrices: boo
     bar = tqdm(total=config.num_hidden_layers, desc="quantizing layers", unit="layer", disable=not progress)
 
     def on_layer(i: int, count: int, reports: list[LayerReport]) -> None:
+        for r in reports:
+            if r.retries:
+                tqdm.write(f"{r.name}: the Hessian was not positive definite with damping {opts.damp:g}; "
+                           f"retried {r.retries}x, quantized with damping {r.damp:g} x mean(diag H)")
         worst = max((r.rel_error for r in reports), default=0.0)
         bar.set_postfix(layer=i, worst_rel_err=f"{worst:.2e}")
         bar.update(1)
@@ -204,4 +208,8 @@ def format_report(reports: list[LayerReport], linears: tuple[str, ...]) -> str:
     lines = ["relative output error tr(dW H dW^T) / tr(W H W^T) on the calibration data", head, "-" * len(head)]
     for layer, cells in rows.items():
         lines.append(f"{layer:<20}" + "".join(_cell(cells.get(s)) for s in short))
+    retried = [r for r in reports if r.retries]
+    if retried:
+        lines.append(f"raised damping (Cholesky retried) for {len(retried)} linears: "
+                     + ", ".join(f"{r.name} ({r.damp:g})" for r in retried))
     return "\n".join(lines)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 
 def rtn_checkpoint(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
@@ -27,4 +30,20 @@ def rtn_checkpoint(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) ->
             nearest=True,
         )
         quantize(options, progress=False)
+    return out
+
+
+def shallow_copy(model_dir: Path, out: Path, layers: int) -> Path:
+    """The built-in model cut to its first ``layers`` decoder layers (real weights, same tokenizer)."""
+    out.mkdir()
+    tensors = load_file(model_dir / "model.safetensors")
+    keep = {
+        k: v for k, v in tensors.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers
+    }
+    save_file(keep, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    for f in model_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
     return out

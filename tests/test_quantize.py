@@ -342,3 +342,37 @@ def test_skip_gq_keeps_k_and_v_in_fp16(builtin_model_dir: Path, tmp_path: Path, 
     loaded = load_model(str(tmp_path / "ckpt"), device="cpu", dtype=torch.float32).model
     ids = tokenizer("per channel", return_tensors="pt").input_ids
     assert torch.isfinite(logits(loaded, ids)).all()
+
+
+def test_failed_cholesky_retries_with_more_damping_then_names_the_layer(
+    builtin_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hessian that will not factor is retried with 10x the damping, and said so; if it never factors, the
+    error names the layer. The failure is induced in torch's Cholesky (real ones need degenerate data)."""
+    small = checkpoint_cache.shallow_copy(builtin_model_dir, tmp_path / "two-layers", 2)
+    real = torch.linalg.cholesky_ex
+    calls = {"lower": 0}
+
+    def first_attempt_fails(a: torch.Tensor, *args, upper: bool = False, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        chol, info = real(a, *args, upper=upper, **kwargs)
+        if not upper:  # the factorization of H + damping; odd calls are first attempts
+            calls["lower"] += 1
+            if calls["lower"] % 2 == 1:
+                return chol, torch.ones_like(info)
+        return chol, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", first_attempt_fails)
+    code, output = run_cli("quantize", small, "--out", tmp_path / "retried", "--group-size", GROUP,
+                           "--nsamples", 4, "--seqlen", 64, "--dataset", "pydocs")
+    assert code == 0, output
+    assert "model.layers.0.self_attn.q_proj: the Hessian was not positive definite with damping 0.1; retried 1x" \
+        in output and "raised damping (Cholesky retried) for 14 linears" in output, output
+    record = json.loads((tmp_path / "retried" / "marlin_run.json").read_text())
+    assert {(r["retries"], r["damp"]) for r in record["layers"]} == {(1, 1.0)}
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex",
+                        lambda a, *args, upper=False, **kw: (a, torch.ones((), dtype=torch.int32)))
+    code, output = run_cli("quantize", small, "--out", tmp_path / "failed", "--group-size", GROUP,
+                           "--nsamples", 4, "--seqlen", 64, "--dataset", "pydocs", "--quiet")
+    assert code == 2 and "model.layers.0.self_attn.q_proj" in output and "--damp" in output, output
+    assert "Traceback" not in output and not (tmp_path / "failed").exists() and leftovers(tmp_path) == []

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import checkpoint_cache
 import pytest
 from click.testing import CliRunner
 
@@ -199,33 +200,13 @@ def test_unknown_model_selection_is_an_error(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no model named ['GPT-5']" in result.output
 
 
-def shallow_copy(model_dir: Path, out: Path, layers: int) -> Path:
-    """The built-in model cut to its first ``layers`` decoder layers (real weights, same tokenizer)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir()
-    tensors = load_file(model_dir / "model.safetensors")
-    keep = {
-        k: v for k, v in tensors.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers
-    }
-    save_file(keep, out / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((model_dir / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
-    for f in model_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    return out
-
-
 @pytest.mark.slow
 def test_small_real_reproduction(builtin_model_dir: Path, tmp_path: Path) -> None:
     """The whole pipeline through the CLI on real weights and text, shrunk to fit the test budget: the first
     4 of the built-in model's 30 layers, calibration 8 x 256, 4 windows and 8 documents of 256 tokens."""
     raw = json.loads((CONFIGS / "reproduce_builtin.json").read_text())
     raw["name"] = "builtin-small"
-    raw["models"][0]["path"] = str(shallow_copy(builtin_model_dir, tmp_path / "smollm2-4layers", 4))
+    raw["models"][0]["path"] = str(checkpoint_cache.shallow_copy(builtin_model_dir, tmp_path / "smollm2-4layers", 4))
     raw["calibration"].update(nsamples=8, seqlen=256)
     raw["datasets"] = [
         {"name": "botchan", "seqlen": 256, "max_windows": 4},

@@ -1,4 +1,4 @@
-// The fused Marlin kernel: C[m, n] = A[m, k] @ dequant(B)[k, n] for m <= 32 per launch, fp32 accumulation.
+// The fused Marlin kernel: C[m, n] = A[m, k] @ dequant(B)[k, n] for m <= 64 per launch, fp32 accumulation.
 //
 // Work split. The output is cut into column blocks of 64*WARPS columns and k into tiles of 64 rows;
 // a (column block, k tile) pair is one unit of work, numbered column-block-major. Two plans:
@@ -17,7 +17,8 @@
 // warp dequantizes its 16-byte weight vectors with bit tricks straight into mma.sync m16n8k16 B fragments
 // (q - 8, exact in fp16 and bf16) and accumulates one scale group in fp32; at the end of each group the
 // group sum is multiplied by its fp32 scale and added to the running sum. Scaling in fp32 (not the
-// weights in 16 bits) keeps bf16 results as accurate as fp16 ones.
+// weights in 16 bits) keeps bf16 results as accurate as fp16 ones. For m <= 8 the operands are swapped
+// (weights as the mma's A operand, activations as its n8 B operand): half the mmas and accumulators.
 #include "marlin_kernel.h"
 #include "marlin_ptx.cuh"
 
@@ -141,6 +142,71 @@ __device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4
     }
 }
 
+// Swapped operands (m <= 8): the mma computes C^T = dequant(B)^T A^T, weights as the 16-row A operand and
+// the activations as the n8 B operand, so one mma covers 16 columns x 8 rows instead of two mmas over 16
+// (mostly padding) rows. Lane l's accumulator of 16x16 tile j holds columns 16j + l/4 (+8 for elements 2,
+// 3) of rows 2(l%4), 2(l%4)+1.
+//
+// Position in the scale layout of column c of a 64-column strip (see format.py).
+__device__ __forceinline__ int scale_pos(int c, bool per_channel) {
+  if (!per_channel) return 8 * (c % 8) + c / 8;
+  const int c32 = c % 32, i = (c32 % 8) / 2, d = c32 - 2 * i;  // c32 = 2i + d, d in (0,1,8,9,16,17,24,25)
+  return c - c32 + 8 * i + 2 * (d / 8) + d % 8;
+}
+
+// acc += scale * grp for this lane's 8 columns (swapped layout), then grp = 0. `ss`: the warp's 64 scales.
+template <typename T>
+__device__ __forceinline__ void fold_group_t(float (&acc)[4][4], float (&grp)[4][4], const int4* ss, bool per_channel,
+                                             int lane) {
+  using Tr = Traits<T>;
+  float s[4][2];  // [tile j][column half]
+  if (per_channel) {
+    const T* h = reinterpret_cast<const T*>(ss);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) s[j][e] = Tr::to_float(h[scale_pos(16 * j + lane / 4 + 8 * e, true)]);
+  } else {
+    // Columns 16j + lane/4 and 16j + 8 + lane/4 sit at positions 8(lane/4) + 2j and + 2j + 1: one vector.
+    const int4 v = ss[lane / 4];
+    const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[j][0] = Tr::to_float(h[2 * j]), s[j][1] = Tr::to_float(h[2 * j + 1]);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    acc[j][0] += s[j][0] * grp[j][0];
+    acc[j][1] += s[j][0] * grp[j][1];
+    acc[j][2] += s[j][1] * grp[j][2];
+    acc[j][3] += s[j][1] * grp[j][3];
+    grp[j][0] = grp[j][1] = grp[j][2] = grp[j][3] = 0.f;
+  }
+}
+
+// finish_segment for the swapped layout (same destinations).
+template <typename T>
+__device__ __forceinline__ void finish_segment_t(const float (&acc)[4][4], T* c, float* scratch, int m, int n, int strip,
+                                                 int seg, bool whole, int max_segs, int lane) {
+  float* part = scratch + static_cast<size_t>(strip * max_segs + seg) * (kMaxRows * 64);
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int row = 2 * (lane % 4) + e;
+    if (row < m) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int col = 16 * j + lane / 4 + 8 * h;
+          if (whole) {
+            c[static_cast<size_t>(row) * n + strip * 64 + col] = Traits<T>::from_float(acc[j][2 * h + e]);
+          } else {
+            part[row * 64 + col] = acc[j][2 * h + e];
+          }
+        }
+    }
+  }
+}
+
 // Segments of column block nb. Stream-k plan (splits == 0): blocks first..first+count-1 cover its k range
 // (runs of tiles_per_cta units). Split plan: count = splits (block b holds segment b % splits).
 __device__ __forceinline__ void segment_range(int nb, int k_tiles, int tiles_per_cta, int splits, int& first,
@@ -222,8 +288,9 @@ template <typename T,     // half or __nv_bfloat16: element type of A, scales an
           int WARPS,      // warps per block = 64-column strips per column block (4 or 8)
           int STAGES,     // cp.async pipeline depth, in 64 x (64*WARPS) tiles
           int MIN_BLOCKS, // thread blocks per SM the register allocation must allow
-          bool SCALE_B>   // true: grouped scales multiply the dequantized weights in 16 bits before the
+          bool SCALE_B,   // true: grouped scales multiply the dequantized weights in 16 bits before the
                           // mma (no per-group fp32 sums: fewer registers, fp16 only); false: fp32 scaling
+          bool SWAP>      // swapped operands for m <= 8 (M_BLOCKS == 1, !SCALE_B): see fold_group_t
 __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     gemm_kernel(const T* __restrict__ a,           // [m, lda] activations (first k columns used)
                 const int4* __restrict__ qweight,  // [k/16, n/2] packed codes as 16-byte vectors
@@ -241,6 +308,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
                 int max_segs) {                    // segment slots per strip in scratch
   using Tr = Traits<T>;
   using L = StageLayout<M_BLOCKS, WARPS>;
+  static_assert(!SWAP || (M_BLOCKS == 1 && !SCALE_B), "swapped operands: one m16 block, fp32 scaling");
   constexpr int kWarps = WARPS;
   constexpr int kTileN = L::kTileN;
   extern __shared__ int4 smem[];
@@ -352,6 +420,20 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       a_src_sh[b][i] = sh_base + 16 * (L::kB + row * 8 + (chunk ^ (row % 8)));
     }
 
+  // SWAP: ldmatrix rows of A as B fragments: lanes 8q..8q+7 address rows 0..7 of 16-byte chunk 4p + q
+  // (strip 2p + q/2, k half q%2) for strip pair p.
+  uint32_t a_swap_sh[kStrips / 2];
+#pragma unroll
+  for (int p = 0; p < kStrips / 2; ++p) {
+    const int row = lane % 8, chunk = 4 * p + lane / 8;
+    a_swap_sh[p] = sh_base + 16 * (L::kB + row * 8 + (chunk ^ row));
+  }
+  float acc_t[4][4], grp_t[4][4];  // SWAP: running and group sums per 16x16 tile j
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_t[j][e] = grp_t[j][e] = 0.f;
+
   float acc[M_BLOCKS][8][4];  // running sum: [m16 block][n8 tile][mma C fragment]
   float grp[M_BLOCKS][8][4];  // sum over the current scale group, not yet scaled
 #pragma unroll
@@ -397,7 +479,40 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     const int4* ss = smem + stage * L::kStage + L::kB + L::kA + warp * 8;  // warp's scales, group row 0
     const int strip = nb * kWarps + warp;
     const bool seg_end = kt == k_tiles - 1 || x == end - 1;
-    if (strip < n_strips) {
+    if (SWAP && strip < n_strips) {
+#pragma unroll
+      for (int p = 0; p < kStrips / 2; ++p) {
+        uint32_t at[4];  // B fragments (b0, b1) of strips 2p and 2p + 1
+        ldmatrix_x4(at, a_swap_sh[p] + off);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int i = 2 * p + q;
+          const uint4 bq = lds128(b_src_sh + off + 16 * 32 * i);
+          const uint32_t words[4] = {bq.x, bq.y, bq.z, bq.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            uint32_t w[4];
+            Tr::dequant(words[j], w);
+            const uint32_t wa[4] = {w[0], w[2], w[1], w[3]};  // as the A operand: rows = columns 16j..16j+15
+            Tr::mma(grp_t[j], wa, at[2 * q], at[2 * q + 1]);
+          }
+          if (i == 1 && group32) fold_group_t<T>(acc_t, grp_t, ss, false, lane);
+        }
+      }
+      if (seg_end || (!per_channel && (kt + 1) % tiles_per_group == 0)) {
+        fold_group_t<T>(acc_t, grp_t, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
+      }
+      if (seg_end) {
+        int first = 0, n_segs = 0;
+        segment_range(nb, k_tiles, tiles_per_cta, splits, first, n_segs);
+        const int seg = splits > 0 ? static_cast<int>(blockIdx.x) % splits : static_cast<int>(blockIdx.x) - first;
+        finish_segment_t<T>(acc_t, c, scratch, m, n, strip, seg, n_segs == 1, max_segs, lane);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_t[j][e] = 0.f;
+      }
+    } else if (!SWAP && strip < n_strips) {
       uint32_t sw[2][4] = {};  // SCALE_B: this lane's column scales (8 n8 tiles) of the tile's group rows
       if (SCALE_B && !per_channel) {
 #pragma unroll
@@ -578,11 +693,11 @@ cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, int 
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
-template <typename T, int M_BLOCKS, bool SCALE_B>
+template <typename T, int M_BLOCKS, bool SCALE_B, bool SWAP = false>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n, int k,
            int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
   using C = Config<M_BLOCKS>;
-  auto kernel = gemm_kernel<T, M_BLOCKS, C::kWarps, C::kStages, C::kBlocksPerSm, SCALE_B>;
+  auto kernel = gemm_kernel<T, M_BLOCKS, C::kWarps, C::kStages, C::kBlocksPerSm, SCALE_B, SWAP>;
   constexpr int smem = smem_bytes<M_BLOCKS, C::kWarps, C::kStages>();
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
@@ -607,8 +722,8 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   return MARLIN_OK;
 }
 
-// Instantiated configurations: {fp16, bf16} x {one, two m16 row blocks} with fp32 group scaling, and
-// fp16 x four row blocks with 16-bit weight scaling. Four row blocks with fp32 group sums would need 256
+// Instantiated configurations: {fp16, bf16} x {one m16 row block with swapped operands (m <= 8), one
+// and two m16 row blocks} with fp32 group scaling, and fp16 x four row blocks with 16-bit weight scaling. Four row blocks with fp32 group sums would need 256
 // accumulator registers; scaling the fp16 weights instead costs ~2e-4 relative error (within the 1e-3
 // budget) but in bf16 ~2e-3, so bf16 stays at two row blocks. Larger m is processed 64 (fp16) or 32
 // (bf16) rows per launch, re-reading the weights; the op switches to dequantize + cuBLAS for large m.
@@ -622,7 +737,10 @@ int gemm_rows(const T* a, const int4* qweight, const T* scales, T* c, float* scr
     const T* a_rows = a + static_cast<size_t>(m0) * lda;
     T* c_rows = c + static_cast<size_t>(m0) * n;
     int status;
-    if (rows <= 16) {
+    if (rows <= 8) {
+      status = launch<T, 1, false, true>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group, per_channel,
+                                         sms, pdl, stream);
+    } else if (rows <= 16) {
       status = launch<T, 1, false>(a_rows, qweight, scales, c_rows, scratch, rows, n, k, lda, group, per_channel, sms,
                                    pdl, stream);
     } else if (rows <= 32 || !kFp16) {

@@ -117,6 +117,7 @@ struct Traits<half> {
   }
 
   __device__ __forceinline__ static float to_float(half x) { return __half2float(x); }
+  __device__ __forceinline__ static half from_float(float x) { return __float2half_rn(x); }
   __device__ __forceinline__ static T2 pack2(float x, float y) { return __floats2half2_rn(x, y); }
 };
 
@@ -153,6 +154,7 @@ struct Traits<__nv_bfloat16> {
   }
 
   __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   __device__ __forceinline__ static T2 pack2(float x, float y) { return __floats2bfloat162_rn(x, y); }
 };
 

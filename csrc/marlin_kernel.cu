@@ -333,6 +333,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   const int scale_rows = group32 ? 2 : 1;      // scale rows fetched per tile
   // Grouped scales: tile kt starts in group row kt * 64 / group; fold every `fold_every` tiles.
   const int tiles_per_group = per_channel || group32 ? 1 : group / kTileK;
+  const int group_mask = tiles_per_group - 1;  // 0 or 1 (tiles_per_group is 1 or 2): no division per tile
 
   // Copy addresses. Each thread issues per tile: kStrips weight vectors of its warp's strip, at most one
   // activation vector (row a_row, 8 columns) and at most one scale vector; all advance incrementally.
@@ -499,7 +500,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
           if (i == 1 && group32) fold_group_t<T>(acc_t, grp_t, ss, false, lane);
         }
       }
-      if (seg_end || (!per_channel && (kt + 1) % tiles_per_group == 0)) {
+      if (seg_end || (!per_channel && ((kt + 1) & group_mask) == 0)) {
         fold_group_t<T>(acc_t, grp_t, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
       }
       if (seg_end) {
@@ -560,7 +561,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       }
       if constexpr (SCALE_B) {
         if (seg_end && per_channel) scale_per_channel<T, M_BLOCKS>(acc, ss, lane);
-      } else if (seg_end || (!per_channel && (kt + 1) % tiles_per_group == 0)) {
+      } else if (seg_end || (!per_channel && ((kt + 1) & group_mask) == 0)) {
         // Fold the group sum when the next tile starts another group, or the segment ends.
         fold_group<T, M_BLOCKS>(acc, grp, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
       }

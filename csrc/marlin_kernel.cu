@@ -154,10 +154,12 @@ __device__ __forceinline__ int scale_pos(int c, bool per_channel) {
   return c - c32 + 8 * i + 2 * (d / 8) + d % 8;
 }
 
-// acc += scale * grp for this lane's 8 columns (swapped layout), then grp = 0. `ss`: the warp's 64 scales.
+// acc += scale * (grp - hi) for this lane's 8 columns (swapped layout), then grp = hi = 0. `ss`: the
+// warp's 64 scales; hi[0], hi[1]: kHiOffset x the group's activation sums over k rows 8..15 of each strip
+// for rows 2(lane%4), 2(lane%4)+1 (zero unless Traits<T>::kHasHiOffset).
 template <typename T>
-__device__ __forceinline__ void fold_group_t(float (&acc)[4][4], float (&grp)[4][4], const int4* ss, bool per_channel,
-                                             int lane) {
+__device__ __forceinline__ void fold_group_t(float (&acc)[4][4], float (&grp)[4][4], float (&hi)[4], const int4* ss,
+                                             bool per_channel, int lane) {
   using Tr = Traits<T>;
   float s[4][2];  // [tile j][column half]
   if (per_channel) {
@@ -175,12 +177,13 @@ __device__ __forceinline__ void fold_group_t(float (&acc)[4][4], float (&grp)[4]
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    acc[j][0] += s[j][0] * grp[j][0];
-    acc[j][1] += s[j][0] * grp[j][1];
-    acc[j][2] += s[j][1] * grp[j][2];
-    acc[j][3] += s[j][1] * grp[j][3];
+    acc[j][0] += s[j][0] * (grp[j][0] - hi[0]);
+    acc[j][1] += s[j][0] * (grp[j][1] - hi[1]);
+    acc[j][2] += s[j][1] * (grp[j][2] - hi[0]);
+    acc[j][3] += s[j][1] * (grp[j][3] - hi[1]);
     grp[j][0] = grp[j][1] = grp[j][2] = grp[j][3] = 0.f;
   }
+  hi[0] = hi[1] = hi[2] = hi[3] = 0.f;
 }
 
 // finish_segment for the swapped layout (same destinations).
@@ -430,6 +433,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
     a_swap_sh[p] = sh_base + 16 * (L::kB + row * 8 + (chunk ^ row));
   }
   float acc_t[4][4], grp_t[4][4];  // SWAP: running and group sums per 16x16 tile j
+  float hi_t[4] = {0.f, 0.f, 0.f, 0.f};  // SWAP: the group's weight offset x activation sums (fold_group_t)
 #pragma unroll
   for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -493,15 +497,20 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             uint32_t w[4];
-            Tr::dequant(words[j], w);
+            Tr::dequant_hi_offset(words[j], w);
             const uint32_t wa[4] = {w[0], w[2], w[1], w[3]};  // as the A operand: rows = columns 16j..16j+15
             Tr::mma(grp_t[j], wa, at[2 * q], at[2 * q + 1]);
           }
-          if (i == 1 && group32) fold_group_t<T>(acc_t, grp_t, ss, false, lane);
+          if constexpr (Tr::kHasHiOffset) {
+            // The offset's share: an A operand of 0 (k rows 0..7) and kHiOffset (k rows 8..15).
+            const uint32_t off_a[4] = {0u, 0u, Tr::kHiOffsetPair, Tr::kHiOffsetPair};
+            Tr::mma(hi_t, off_a, at[2 * q], at[2 * q + 1]);
+          }
+          if (i == 1 && group32) fold_group_t<T>(acc_t, grp_t, hi_t, ss, false, lane);
         }
       }
       if (seg_end || (!per_channel && ((kt + 1) & group_mask) == 0)) {
-        fold_group_t<T>(acc_t, grp_t, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
+        fold_group_t<T>(acc_t, grp_t, hi_t, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
       }
       if (seg_end) {
         int first = 0, n_segs = 0;

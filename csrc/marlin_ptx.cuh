@@ -109,6 +109,24 @@ struct Traits<half> {
     asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(out[3]) : "r"(hi1), "r"(kMulHi), "r"(kAddHi));
   }
 
+  // As dequant, but out[1] and out[3] (the codes at bits 4..7 of each half: k rows 8..15 of the 16x16
+  // tile) come out as 64 + q = (q - 8) + kHiOffset, exact, with no arithmetic: OR-ed into the mantissa of
+  // 64.0, whose unit in the last place is 1/16. The caller subtracts kHiOffset x (sum of the matching
+  // activations) once per scale group. Four LOP3, one shift and two subtractions per 8 codes.
+  static constexpr bool kHasHiOffset = true;
+  static constexpr uint32_t kHiOffsetPair = 0x54805480u;  // 72.0, 72.0
+  static constexpr float kHiOffset = 72.f;
+  __device__ __forceinline__ static void dequant_hi_offset(uint32_t q, uint32_t (&out)[4]) {
+    constexpr uint32_t kLo = 0x000F000Fu, kHi = 0x00F000F0u, kExpLo = 0x64006400u, kExpHi = 0x54005400u;
+    constexpr uint32_t kSubLo = 0x64086408u;  // 1032 = 1024 + 8
+    const uint32_t shifted = q >> 8;
+    const uint32_t lo0 = and_or(q, kLo, kExpLo), lo1 = and_or(shifted, kLo, kExpLo);
+    out[1] = and_or(q, kHi, kExpHi);
+    out[3] = and_or(shifted, kHi, kExpHi);
+    asm("sub.f16x2 %0, %1, %2;\n" : "=r"(out[0]) : "r"(lo0), "r"(kSubLo));
+    asm("sub.f16x2 %0, %1, %2;\n" : "=r"(out[2]) : "r"(lo1), "r"(kSubLo));
+  }
+
   // Element-wise product of two fp16 pairs (rounded to fp16).
   __device__ __forceinline__ static uint32_t mul(uint32_t x, uint32_t y) {
     uint32_t d;
@@ -152,6 +170,12 @@ struct Traits<__nv_bfloat16> {
     asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(x), "r"(y), "r"(0x80008000u));
     return d;
   }
+
+  // bf16 has no mantissa room for the nibble at bits 4..7: no offset variant (see Traits<half>).
+  static constexpr bool kHasHiOffset = false;
+  static constexpr uint32_t kHiOffsetPair = 0u;
+  static constexpr float kHiOffset = 0.f;
+  __device__ __forceinline__ static void dequant_hi_offset(uint32_t q, uint32_t (&out)[4]) { dequant(q, out); }
 
   __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }

@@ -46,11 +46,13 @@ constexpr int smem_bytes() {
   return 16 * STAGES * StageLayout<M_BLOCKS, WARPS>::kStage;
 }
 
-// acc += scale * grp for this lane's columns, then grp = 0. `ss` points at the warp's 64 scales of one
-// group row in shared memory (Marlin-permuted: grouped within 64 columns, per-channel within 32).
+// acc += scale * (grp - hi) for this lane's columns, then grp = hi = 0. `ss` points at the warp's 64 scales
+// of one group row in shared memory (Marlin-permuted: grouped within 64 columns, per-channel within 32).
+// hi[b]: Traits<T>::kHiOffset x the group's activation sums over k rows 8..15 of each strip, laid out as an
+// mma C fragment of m16 block b (same value in elements 0, 1 and in 2, 3; zero without kHasHiOffset).
 template <typename T, int M_BLOCKS>
 __device__ __forceinline__ void fold_group(float (&acc)[M_BLOCKS][8][4], float (&grp)[M_BLOCKS][8][4],
-                                           const int4* ss, bool per_channel, int lane) {
+                                           float (&hi)[M_BLOCKS][4], const int4* ss, bool per_channel, int lane) {
   using Tr = Traits<T>;
   float s0[8], s1[8];  // scales of columns 2*(lane%4) and 2*(lane%4)+1 of each n8 tile
   if (per_channel) {
@@ -82,12 +84,14 @@ __device__ __forceinline__ void fold_group(float (&acc)[M_BLOCKS][8][4], float (
   for (int b = 0; b < M_BLOCKS; ++b)
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      acc[b][j][0] += s0[j] * grp[b][j][0];
-      acc[b][j][1] += s1[j] * grp[b][j][1];
-      acc[b][j][2] += s0[j] * grp[b][j][2];
-      acc[b][j][3] += s1[j] * grp[b][j][3];
+      acc[b][j][0] += s0[j] * (grp[b][j][0] - hi[b][0]);
+      acc[b][j][1] += s1[j] * (grp[b][j][1] - hi[b][1]);
+      acc[b][j][2] += s0[j] * (grp[b][j][2] - hi[b][2]);
+      acc[b][j][3] += s1[j] * (grp[b][j][3] - hi[b][3]);
       grp[b][j][0] = grp[b][j][1] = grp[b][j][2] = grp[b][j][3] = 0.f;
     }
+#pragma unroll
+  for (int b = 0; b < M_BLOCKS; ++b) hi[b][0] = hi[b][1] = hi[b][2] = hi[b][3] = 0.f;
 }
 
 // acc *= scale for this lane's columns (per-channel layout, see fold_group).
@@ -441,6 +445,9 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 
   float acc[M_BLOCKS][8][4];  // running sum: [m16 block][n8 tile][mma C fragment]
   float grp[M_BLOCKS][8][4];  // sum over the current scale group, not yet scaled
+  float hi[M_BLOCKS][4];      // the group's weight offset x activation sums (see fold_group)
+#pragma unroll
+  for (int b = 0; b < M_BLOCKS; ++b) hi[b][0] = hi[b][1] = hi[b][2] = hi[b][3] = 0.f;
 #pragma unroll
   for (int b = 0; b < M_BLOCKS; ++b)
 #pragma unroll
@@ -543,7 +550,11 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           uint32_t bf[4];
-          Tr::dequant(words[j], bf);
+          if constexpr (SCALE_B) {
+            Tr::dequant(words[j], bf);
+          } else {
+            Tr::dequant_hi_offset(words[j], bf);  // b1 fragments (k rows 8..15) carry + kHiOffset
+          }
           if constexpr (SCALE_B) {
             if (!per_channel) {
               const uint32_t w = group32 && i >= 2 ? sw[1][j] : sw[0][j];  // scales of n8 tiles 2j, 2j+1
@@ -566,13 +577,18 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
             }
           }
         }
-        if (!SCALE_B && i == 1 && group32) fold_group<T, M_BLOCKS>(acc, grp, ss, false, lane);
+        if constexpr (!SCALE_B && Tr::kHasHiOffset) {
+          // The offset's share: a B operand of 0 (k rows 0..7) and kHiOffset (k rows 8..15).
+#pragma unroll
+          for (int b = 0; b < M_BLOCKS; ++b) Tr::mma(hi[b], af[b], 0u, Tr::kHiOffsetPair);
+        }
+        if (!SCALE_B && i == 1 && group32) fold_group<T, M_BLOCKS>(acc, grp, hi, ss, false, lane);
       }
       if constexpr (SCALE_B) {
         if (seg_end && per_channel) scale_per_channel<T, M_BLOCKS>(acc, ss, lane);
       } else if (seg_end || (!per_channel && ((kt + 1) & group_mask) == 0)) {
         // Fold the group sum when the next tile starts another group, or the segment ends.
-        fold_group<T, M_BLOCKS>(acc, grp, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
+        fold_group<T, M_BLOCKS>(acc, grp, hi, ss + (group32 ? kTileN / 8 : 0), per_channel, lane);
       }
       if (seg_end) {
         int first = 0, n_segs = 0;

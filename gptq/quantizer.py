@@ -1,9 +1,12 @@
 """Symmetric 4-bit grid: scales, codes, round-to-nearest, and the Hessian-weighted group grid clipping search.
 
-The grid is the one the Marlin kernel dequantizes: ``w ~ (q - 8) * s`` with q in 0..15. A row whose
-largest magnitude is ``m`` gets ``s = 2 m / 15`` (so the grid spans [-16/15 m, 14/15 m]); clipping shrinks
-``m`` to ``p * m``. Scales are rounded to fp16 here, before codes are chosen, so that the codes are the best
-ones for the scales the kernel will actually read.
+The grid is the one the Marlin kernel dequantizes: ``w ~ (q - 8) * s`` with q in 0..15, i.e. the values
+-8 s .. 7 s. The scale of a row is the smallest that covers it: ``s = max(-min(w) / 8, max(w) / 7)``, so
+its most negative weight lands on -8 s or its most positive on 7 s exactly. (GPTQ's usual ``2 max|w| / 15``
+puts a negative extreme at -16/15 of itself and cuts a positive one to 14/15: on the built-in model that
+costs 4% WikiText-style perplexity in round-to-nearest, 43.5 vs 41.7.) Clipping shrinks this scale by a
+factor p. Scales are rounded to fp16 here, before codes are chosen, so that the codes are the best ones for
+the scales the kernel will actually read.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ def row_scales(w: torch.Tensor, shrink: torch.Tensor | float = 1.0) -> torch.Ten
     """Per-row scales of a weight block.
 
     Args:
-        w: float32 [R, C] weights (rows = output features).
+        w: float32 [..., R, C] weights (rows = output features).
         shrink: clip factor p, a float or a float32 tensor broadcastable to [..., R, 1].
 
     Returns:
-        float32 [..., R, 1] scales ``2 * p * max|w| / 15``, rounded to fp16 and never zero (an all-zero
-        row gets scale 1, which codes it exactly as 8s).
+        float32 [..., R, 1] scales ``p * max(-min(w) / 8, max(w) / 7)``, rounded to fp16 and never zero (an
+        all-zero row gets scale 1, which codes it exactly as 8s).
     """
-    m = w.abs().amax(dim=-1, keepdim=True) * shrink
-    s = (2.0 * m / MAXQ).to(torch.float16).to(torch.float32)
+    neg = torch.clamp(-w.amin(dim=-1, keepdim=True), min=0) / ZERO  # -8 s reaches the most negative weight
+    pos = torch.clamp(w.amax(dim=-1, keepdim=True), min=0) / (MAXQ - ZERO)  # 7 s reaches the most positive
+    s = (torch.maximum(neg, pos) * shrink).to(torch.float16).to(torch.float32)
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
@@ -50,7 +54,7 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def clip_search_scales(
     w: torch.Tensor, u_block: torch.Tensor, grid: int = 100, max_shrink: float = 0.75
 ) -> torch.Tensor:
-    """Group grid clipping: per row, the shrink of max|w| that minimises the Hessian-weighted error.
+    """Group grid clipping: per row, the shrink of the row's scale that minimises the Hessian-weighted error.
 
     For a group of columns F about to be quantized, GPTQ's error after optimally updating the remaining
     columns is ``delta @ inv(H^-1_FF) @ delta.T`` per row, and ``H^-1_FF = U_FF.T @ U_FF`` with U the upper
@@ -61,7 +65,7 @@ def clip_search_scales(
         w: float32 [R, g] current (error-updated) weights of the group.
         u_block: float32 [g, g] the group's diagonal block of the upper Cholesky factor of H^-1.
         grid: number of steps per unit shrink.
-        max_shrink: largest fraction of max|w| removed.
+        max_shrink: largest fraction of the scale removed.
 
     Returns:
         float32 [R, 1] scales (fp16-representable).

@@ -5,7 +5,7 @@ Given a linear layer's weight W [N, K] and the Hessian of its reconstruction los
 error is spread onto the not-yet-quantized columns through the upper Cholesky factor U of H^-1, in
 blocks of ``blocksize`` columns (lazy batch updates). Scales are chosen once per group of ``group_size``
 columns, when the group's first column is reached, on the error-updated weights; with ``clip`` they are
-chosen by :func:`gptq.quantizer.clip_search_scales` (the Hessian-weighted error), else from max|w|.
+chosen by :func:`gptq.quantizer.clip_search_scales` (the Hessian-weighted error), else the smallest scale covering the group (see :func:`gptq.quantizer.row_scales`).
 
 Tiny example of the block/group structure, K = 8, blocksize = 4, group_size = 2::
 
@@ -38,7 +38,7 @@ class GPTQConfig:
         blocksize: columns per lazy-update block (a multiple of group_size).
         clip: group grid clipping (ignored per channel, as in the original).
         clip_grid: steps per unit of shrink in the clipping search.
-        clip_max_shrink: largest fraction of max|w| the clipping may remove.
+        clip_max_shrink: largest fraction of the scale the clipping may remove.
         damp_retries: times the damping is multiplied by 10 when the Cholesky factorization fails.
     """
 
@@ -188,7 +188,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | PreparedHessian, cfg: GPTQC
 
 
 def rtn_quantize(w: torch.Tensor, group_size: int) -> QuantizedMatrix:
-    """Round-to-nearest baseline: per group max|w| scales, no error feedback, no clipping. W [N, K]."""
+    """Round-to-nearest baseline: per group the smallest covering scale, no error feedback, no clipping. W [N, K]."""
     n, k = w.shape
     w = w.to(torch.float32)
     g = k if group_size == -1 else group_size

@@ -22,7 +22,7 @@ GROUP_SIZES = click.Choice(["32", "64", "128", "-1"])
 @click.option("--group-size", type=GROUP_SIZES, default="128", show_default=True,
               help="Input features per scale; -1 = one scale per output channel.")
 @click.option("--damp", type=float, default=0.1, show_default=True, help="Hessian damping, fraction of mean(diag H).")
-@click.option("--no-clip", is_flag=True, help="Disable group grid clipping (plain GPTQ scales from max|w|).")
+@click.option("--no-clip", is_flag=True, help="Disable group grid clipping (each group's scale just covers its weights).")
 @click.option("--nearest", is_flag=True, help="Round-to-nearest baseline instead of GPTQ.")
 @click.option("--true-sequential", is_flag=True,
               help="Quantize q/k/v, then o, then gate/up, then down, each on the outputs of the quantized ones.")

@@ -67,12 +67,15 @@ def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> to
 
 
 def independent_rtn(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round to nearest on the symmetric grid in float64: scale = fp16(2 max|w| / 15) per group, codes 0..15."""
+    """Round to nearest on the grid -8 s .. 7 s in float64, s = fp16(max(-min / 8, max / 7)) per group."""
     n, k = w.shape
     per = k if group_size == -1 else group_size
     w = w.to(torch.float64)
-    groups = w.split(per, dim=1)
-    scales = torch.stack([(2 * g.abs().amax(dim=1) / 15).to(torch.float16).to(torch.float64) for g in groups], 1)
+    scales = []
+    for g in w.split(per, dim=1):
+        lowest, highest = g.min(dim=1).values.clamp(max=0), g.max(dim=1).values.clamp(min=0)
+        scales.append(torch.maximum(-lowest / 8, highest / 7).to(torch.float16).to(torch.float64))
+    scales = torch.stack(scales, 1)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     s = scales.repeat_interleave(per, dim=1)[:, :k]
     codes = torch.clamp(torch.round(w / s) + 8, 0, 15)

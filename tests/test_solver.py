@@ -108,3 +108,21 @@ def test_dead_inputs_are_zeroed_and_do_not_break_the_solver() -> None:
     q = gptq_quantize(w, h, GPTQConfig(group_size=32))
     assert torch.all(q.weight[:, 5] == 0)
     assert torch.isfinite(q.weight).all()
+
+
+def test_row_scales_are_the_smallest_that_cover_the_row() -> None:
+    """-8 s .. 7 s covers every weight (up to the scale's fp16 rounding) and one extreme sits on the grid's end."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 64, generator=g, dtype=torch.float64)
+    w[:128] -= 0.5  # rows whose extreme is negative, and rows whose extreme is positive
+    w[128:] += 0.5
+    s = row_scales(w.float()).double()
+    assert torch.all(s.squeeze(1) == s.squeeze(1).half().double())  # fp16 values
+    lo, hi = w.min(dim=1, keepdim=True).values, w.max(dim=1, keepdim=True).values
+    tol = 2.0**-10
+    assert torch.all(lo >= -8 * s * (1 + tol)) and torch.all(hi <= 7 * s * (1 + tol))
+    fits = torch.isclose(lo, -8 * s, rtol=tol) | torch.isclose(hi, 7 * s, rtol=tol)
+    assert fits.all()
+    # Round to nearest with these scales never loses more than half a step anywhere.
+    q = torch.clamp(torch.round(w / s) + 8, 0, 15)
+    assert ((q - 8) * s - w).abs().max() <= 0.5 * s.max() * (1 + 8 * tol)

@@ -180,8 +180,10 @@ def test_each_layer_is_quantized_on_the_outputs_of_the_quantized_layers_before_i
             handle.remove()
             errors[label] = relative_output_error(w, grid_weight(matrices[name].codes, matrices[name].scales, GROUP),
                                                   acc.finalize())
-        assert reported[name] == pytest.approx(errors["quantized"], rel=1e-3), (name, reported[name], errors)
-        assert abs(errors["unquantized"] / errors["quantized"] - 1) > 1e-2, (name, errors)
+        print(name, reported[name], errors)
+        # Batched float32 forwards vs per-sample ones agree far closer than quantizing the layers before moves it.
+        assert reported[name] == pytest.approx(errors["quantized"], rel=1e-5), (name, reported[name], errors)
+        assert abs(errors["unquantized"] / errors["quantized"] - 1) > 1e-3, (name, errors)
 
 
 def test_checkpoint_folder_holds_config_tokenizer_and_run_record(gptq_run: QuantizeResult, tokenizer) -> None:

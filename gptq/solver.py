@@ -98,13 +98,11 @@ class PreparedHessian:
     """What GPTQ needs from H, computed once and shared by every linear that reads the same inputs.
 
     Attributes:
-        h: float32 [K, K] with dead inputs (zero diagonal) set to 1 on the diagonal.
         u: float32 [K, K] upper Cholesky factor of (H + damping)^-1.
         dead: bool [K] inputs that never fired (their weights are zeroed).
         damp: damping fraction used; retries: times it was raised.
     """
 
-    h: torch.Tensor
     u: torch.Tensor
     dead: torch.Tensor
     damp: float
@@ -117,7 +115,7 @@ def prepare_hessian(h: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     u, damp, retries = inverse_cholesky(h, cfg.damp, cfg.damp_retries)
-    return PreparedHessian(h, u, dead, damp, retries)
+    return PreparedHessian(u, dead, damp, retries)
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float, int]:

@@ -179,10 +179,9 @@ def load_quantized(model_dir: Path, device: str = "cpu", dtype: torch.dtype = to
     store.materialize(model, "", device, None)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    rebuild_rotary(model, spec, device)
+    model = model.to(dtype)
+    rebuild_rotary(model, spec, device)  # after the cast: rotary frequencies stay float32, as from_pretrained leaves them
     missing = meta_tensors(model)
     if missing:
         raise MarlinError(f"{model_dir} is missing {len(missing)} tensors (first: {missing[0]}); re-create the checkpoint")
-    model = model.to(dtype)
-    rebuild_rotary(model, spec, device)  # rotary frequencies stay float32, as from_pretrained leaves them
     return model.eval()

@@ -113,12 +113,13 @@ def quantize(options: QuantizeOptions, progress: bool = True, keep_matrices: boo
     spec = arch_spec(config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     start = time.perf_counter()
-    # Round to nearest needs no calibration data (but the dataset name is still checked).
-    samples = [] if opts.nearest else calibration_samples(tokenizer, opts.dataset, opts.nsamples, opts.seqlen, opts.seed)
-    if opts.nearest:
+    if opts.nearest:  # round to nearest needs no calibration data, but a bad dataset name is still an error
         from marlin_cli.data import dataset_protocol
 
         dataset_protocol(opts.dataset)
+        samples = []
+    else:
+        samples = calibration_samples(tokenizer, opts.dataset, opts.nsamples, opts.seqlen, opts.seed)
     skip: tuple[str, ...] = ()
     if opts.skip_gq and config.num_key_value_heads < config.num_attention_heads:
         skip = spec.kv

@@ -90,7 +90,9 @@ std::string check_weights(const torch::Tensor& qweight, const torch::Tensor& sca
 }
 
 // c[m, n] = a[m, k] @ dequant(qweight, scales).
-Result gemm(const torch::Tensor& a, const torch::Tensor& qweight, const torch::Tensor& scales, int64_t group_size) {
+// kernel: a MarlinKernel (auto, mma.sync, wgmma).
+Result gemm(const torch::Tensor& a, const torch::Tensor& qweight, const torch::Tensor& scales, int64_t group_size,
+            int64_t kernel) {
   using ll = long long;
   if (!a.is_cuda()) return value_error(msg("marlin: a must be a CUDA tensor, got device %s", dev(a.device()).c_str()));
   const int dtype = dtype_code(a);
@@ -128,7 +130,7 @@ Result gemm(const torch::Tensor& a, const torch::Tensor& qweight, const torch::T
                                  scratch.data_ptr<float>(),
                                  scratch_bytes, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
                                  static_cast<int>(k), static_cast<int>(group_size), dtype, sms,
-                                 c10::cuda::getCurrentCUDAStream());
+                                 static_cast<int>(kernel), c10::cuda::getCurrentCUDAStream());
   if (status != MARLIN_OK) {
     const bool launch = status == MARLIN_ERR_LAUNCH;
     return {torch::Tensor(), launch ? kRuntimeError : kValueError,
@@ -164,6 +166,7 @@ Result dequantize(const torch::Tensor& qweight, const torch::Tensor& scales, int
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemm", &gemm, "(C[M, N] = A[M, K] @ dequant(B), error kind, message)");
+  m.def("gemm", &gemm, "(C[M, N] = A[M, K] @ dequant(B), error kind, message); kernel: 0 auto, 1 mma, 2 wgmma");
+  m.def("wgmma_available", &marlin_wgmma_available, "whether CUDA device `index` can run the wgmma kernel");
   m.def("dequantize", &dequantize, "(dense B [K, N], error kind, message) from Marlin-packed qweight and scales");
 }

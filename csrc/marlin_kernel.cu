@@ -20,7 +20,10 @@
 // weights in 16 bits) keeps bf16 results as accurate as fp16 ones. For m <= 8 the operands are swapped
 // (weights as the mma's A operand, activations as its n8 B operand): half the mmas and accumulators.
 #include "marlin_kernel.h"
+#include "marlin_launch.cuh"
+#include "marlin_layout.cuh"
 #include "marlin_ptx.cuh"
+#include "marlin_sm90.h"
 
 #include <type_traits>
 
@@ -29,6 +32,7 @@ namespace marlin {
 constexpr int kStrips = 4;      // k16 strips (16 rows x 64 columns, one 16-byte load per lane) per warp per tile
 constexpr int kTileK = 16 * kStrips;  // k rows per pipeline stage
 constexpr int kMaxRows = 64;    // rows of A per launch at most (four m16 blocks)
+constexpr int kWgmmaMinRows = 33;  // MARLIN_KERNEL_AUTO takes the wgmma kernel from this m on, where available
 
 // Shared memory of one pipeline stage, in 16-byte vectors, for WARPS warps (one 64-column strip each).
 template <int M_BLOCKS, int WARPS>
@@ -149,14 +153,7 @@ __device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4
 // Swapped operands (m <= 8): the mma computes C^T = dequant(B)^T A^T, weights as the 16-row A operand and
 // the activations as the n8 B operand, so one mma covers 16 columns x 8 rows instead of two mmas over 16
 // (mostly padding) rows. Lane l's accumulator of 16x16 tile j holds columns 16j + l/4 (+8 for elements 2,
-// 3) of rows 2(l%4), 2(l%4)+1.
-//
-// Position in the scale layout of column c of a 64-column strip (see format.py).
-__device__ __forceinline__ int scale_pos(int c, bool per_channel) {
-  if (!per_channel) return 8 * (c % 8) + c / 8;
-  const int c32 = c % 32, i = (c32 % 8) / 2, d = c32 - 2 * i;  // c32 = 2i + d, d in (0,1,8,9,16,17,24,25)
-  return c - c32 + 8 * i + 2 * (d / 8) + d % 8;
-}
+// 3) of rows 2(l%4), 2(l%4)+1. Column positions in the scale layout: scale_pos (marlin_layout.cuh).
 
 // acc += scale * (grp - hi) for this lane's 8 columns (swapped layout), then grp = hi = 0. `ss`: the
 // warp's 64 scales; hi[0], hi[1]: kHiOffset x the group's activation sums over k rows 8..15 of each strip
@@ -701,24 +698,6 @@ Plan make_plan(int n, int k, int m, int ctas, int tile_n) {
   return p;
 }
 
-// Launch with programmatic stream serialization when `pdl` (sm_90+): the kernel may start while the
-// previous kernel in the stream finishes, and waits for it (grid_dependency_wait) before using its data.
-template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), int grid, int threads, int smem, cudaStream_t stream, bool pdl,
-                          Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr = {};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
-}
-
 template <typename T, int M_BLOCKS, bool SCALE_B, bool SWAP = false>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n, int k,
            int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
@@ -797,6 +776,9 @@ const char* marlin_status_string(int status) {
     case MARLIN_ERR_SCRATCH: return "scratch buffer too small";
     case MARLIN_ERR_SMS: return "sms must be >= 1";
     case MARLIN_ERR_LAUNCH: return "CUDA launch failed";
+    case MARLIN_ERR_ARCH:
+      return "the wgmma kernel needs a compute capability 9.0 GPU and an extension built for arch 9.0a";
+    case MARLIN_ERR_KERNEL: return "kernel must be MARLIN_KERNEL_AUTO, _MMA or _WGMMA";
     default: return "unknown marlin status";
   }
 }
@@ -807,12 +789,23 @@ size_t marlin_scratch_bytes(int n, int k, int sms) {
   const int ctas = sms * marlin::kMaxBlocksPerSm;
   const int sk = marlin::stream_k_plan(n, k, 1, ctas, marlin::kMinTileN).max_segs;
   const int sp = marlin::split_count(n, k, 1, ctas, marlin::kMinTileN);
-  return static_cast<size_t>(n / 64) * (sk > sp ? sk : sp) * marlin::kMaxRows * 64 * sizeof(float);
+  const size_t mma = static_cast<size_t>(n / 64) * (sk > sp ? sk : sp) * marlin::kMaxRows * 64 * sizeof(float);
+  const size_t wgmma = marlin::sm90::compiled() ? marlin::sm90::scratch_bytes(sms) : 0;
+  return mma > wgmma ? mma : wgmma;
+}
+
+int marlin_wgmma_available(int device) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    return 0;
+  }
+  return marlin::sm90::compiled() && major == 9 && minor == 0 ? 1 : 0;
 }
 
 int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void* c, float* scratch,
                 size_t scratch_bytes, int m, int n, int k, int lda, int group_size, int dtype, int sms,
-                cudaStream_t stream) {
+                int kernel, cudaStream_t stream) {
   if (m < 1) return MARLIN_ERR_M;
   if (k < 64 || k % 64 != 0) return MARLIN_ERR_K;
   if (n < 64 || n % 64 != 0) return MARLIN_ERR_N;
@@ -827,6 +820,9 @@ int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void*
     return MARLIN_ERR_ALIGN;
   }
   if (sms < 1) return MARLIN_ERR_SMS;
+  if (kernel != MARLIN_KERNEL_AUTO && kernel != MARLIN_KERNEL_MMA && kernel != MARLIN_KERNEL_WGMMA) {
+    return MARLIN_ERR_KERNEL;
+  }
   if (scratch_bytes < marlin_scratch_bytes(n, k, sms)) return MARLIN_ERR_SCRATCH;
   const int group = per_channel ? k : group_size;
   const int4* q = reinterpret_cast<const int4*>(qweight);
@@ -836,6 +832,12 @@ int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void*
     return MARLIN_ERR_LAUNCH;
   }
   const bool pdl = cc_major >= 9;  // programmatic dependent launch
+  const bool wgmma_ok = marlin_wgmma_available(device) != 0;
+  if (kernel == MARLIN_KERNEL_WGMMA && !wgmma_ok) return MARLIN_ERR_ARCH;
+  if (kernel == MARLIN_KERNEL_WGMMA || (kernel == MARLIN_KERNEL_AUTO && wgmma_ok && m >= marlin::kWgmmaMinRows)) {
+    return marlin::sm90::gemm(a, q, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel ? 1 : 0,
+                              dtype, sms, pdl, stream);
+  }
   if (dtype == MARLIN_FP16) {
     return marlin::gemm_rows(static_cast<const half*>(a), q, static_cast<const half*>(scales), static_cast<half*>(c),
                              scratch, m, n, k, lda, group, per_channel ? 1 : 0, sms, pdl, stream);

@@ -28,7 +28,20 @@ enum MarlinStatus : int {
   MARLIN_ERR_SCRATCH = 7,  // scratch buffer smaller than marlin_scratch_bytes()
   MARLIN_ERR_SMS = 8,      // sms < 1
   MARLIN_ERR_LAUNCH = 9,   // the CUDA runtime reported an error at launch (see cudaGetLastError)
+  MARLIN_ERR_ARCH = 10,    // MARLIN_KERNEL_WGMMA asked for where it is not available (marlin_wgmma_available)
+  MARLIN_ERR_KERNEL = 11,  // kernel choice not one of MarlinKernel
 };
+
+// Which fused kernel marlin_gemm runs.
+enum MarlinKernel : int {
+  MARLIN_KERNEL_AUTO = 0,   // the faster one for this device and m
+  MARLIN_KERNEL_MMA = 1,    // the mma.sync kernel (sm_80+), any m
+  MARLIN_KERNEL_WGMMA = 2,  // the Hopper wgmma kernel (sm_90 with an sm_90a build), any m
+};
+
+// Whether MARLIN_KERNEL_WGMMA can run on CUDA device `device`: its compute capability is 9.0 and this
+// build holds sm_90a code. 0 or 1.
+int marlin_wgmma_available(int device);
 
 // Element type of activations, scales and output.
 enum MarlinDtype : int { MARLIN_FP16 = 0, MARLIN_BF16 = 1 };
@@ -47,9 +60,10 @@ size_t marlin_scratch_bytes(int n, int k, int sms);
 //   scratch  fp32 buffer of at least scratch_bytes >= marlin_scratch_bytes(n, k, sms); contents ignored;
 //            no state is kept between calls (safe to capture in CUDA graphs)
 //   sms      number of thread blocks to spread the work over (the device's multiprocessor count)
+//   kernel   a MarlinKernel
 int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void* c, float* scratch,
                 size_t scratch_bytes, int m, int n, int k, int lda, int group_size, int dtype,
-                int sms, cudaStream_t stream);
+                int sms, int kernel, cudaStream_t stream);
 
 // out[k, n] = dequant(B) in the activation dtype ((q - 8) * s computed in fp32, then rounded), natural
 // row-major order. Used for large m, where a dense matrix product beats the fused kernel.

@@ -8,7 +8,7 @@ implementation, so it traces under ``torch.compile`` and can be captured in CUDA
 The op keeps no state between calls: its fp32 split-k scratch comes from torch's caching allocator on
 each call (inside a CUDA graph, from the graph's pool).
 
-Public API: :func:`marlin_gemm`, :func:`kernel_available`.
+Public API: :func:`marlin_gemm`, :func:`kernel_available`, :func:`wgmma_available`.
 """
 
 from __future__ import annotations
@@ -23,19 +23,30 @@ import torch
 
 from gptq import format as fmt
 
-SOURCES = ("marlin_binding.cpp", "marlin_kernel.cu", "marlin_dequant.cu")
+SOURCES = ("marlin_binding.cpp", "marlin_kernel.cu", "marlin_wgmma.cu", "marlin_dequant.cu")
 """Translation units of the extension, in csrc/ (installed as the package ``marlin_csrc``)."""
-HEADERS = ("marlin_kernel.h", "marlin_ptx.cuh")
+HEADERS = (
+    "marlin_kernel.h",
+    "marlin_sm90.h",
+    "marlin_launch.cuh",
+    "marlin_layout.cuh",
+    "marlin_ptx.cuh",
+    "marlin_wgmma.cuh",
+)
 EXTENSION_NAME = "marlin_cuda_ext"
 
-PATH_AUTO, PATH_FUSED, PATH_DENSE = 0, 1, 2
-"""``path`` argument of the op: choose automatically, force the fused kernel, or force
-dequantize-then-cuBLAS."""
+PATH_AUTO, PATH_FUSED, PATH_DENSE, PATH_MMA, PATH_WGMMA = 0, 1, 2, 3, 4
+"""``path`` argument of the op: choose automatically; the fused kernel at any M (the faster one for the
+device and M); dequantize-then-cuBLAS; the mma.sync fused kernel (sm_80+); the Hopper wgmma fused kernel
+(compute capability 9.0, extension built for arch 9.0a; ValueError elsewhere)."""
+_KERNEL_CODE = {PATH_AUTO: 0, PATH_FUSED: 0, PATH_MMA: 1, PATH_WGMMA: 2}
+"""``path`` -> the extension's MarlinKernel code (csrc/marlin_kernel.h)."""
 DENSE_MIN_ROWS = 129
-"""From this many rows on, fp16 inputs use dequantize + cuBLAS. The fused kernel handles 64 fp16 rows
-(32 bf16 rows) per pass over the weights; measured on the H100 it beats dequantize + cuBLAS up to 128
-rows and loses at 256 (Llama-2-7B shapes). bf16 inputs always use the fused kernel: rounding the
-dequantized weights to bf16 costs about 2e-3 relative error, above the 1e-3 the fused kernel meets."""
+"""Without the wgmma kernel (GPUs other than sm_90), fp16 inputs use dequantize + cuBLAS from this many
+rows on: the mma.sync kernel handles 64 fp16 rows (32 bf16 rows) per pass over the weights; measured on the
+H100 it beats dequantize + cuBLAS up to 128 rows and loses at 256 (Llama-2-7B shapes). bf16 inputs always
+use a fused kernel: rounding the dequantized weights to bf16 costs about 2e-3 relative error, above the
+1e-3 the fused kernels meet."""
 
 
 def _source_dir() -> Path:
@@ -59,7 +70,7 @@ def _extension() -> ModuleType:
     if missing:
         raise FileNotFoundError(f"marlin kernel sources missing in {src}: {missing}")
     # No -std flag: cpp_extension passes the C++ standard torch itself was built with (C++20 here).
-    flags = ["-O3", "-lineinfo"]
+    flags = ["-O3", "-lineinfo", *_arch_flags()]
     return cpp_extension.load(
         name=EXTENSION_NAME,
         sources=[str(src / name) for name in SOURCES],
@@ -68,6 +79,35 @@ def _extension() -> ModuleType:
         extra_cuda_cflags=flags,
         verbose=os.environ.get("MARLIN_BUILD_VERBOSE", "") == "1",
     )
+
+
+def _arch_flags() -> list[str]:
+    """nvcc flags for the GPU architectures to build.
+
+    TORCH_CUDA_ARCH_LIST, when set, is torch's to apply; an entry "9.0a" there turns on the wgmma kernel.
+    Unset, the build targets the current device, as sm_90a on compute capability 9.0 (the wgmma kernel
+    needs the arch-specific target). Passing -gencode ourselves stops cpp_extension adding its own.
+    """
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if arch_list:
+        return ["-DMARLIN_SM90A"] if "9.0a" in arch_list.replace(";", " ").split() else []
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) == (9, 0):
+        return ["-gencode=arch=compute_90a,code=sm_90a", "-DMARLIN_SM90A"]
+    return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+
+
+def wgmma_available(device: torch.device | int | None = None) -> bool:
+    """Whether the Hopper wgmma kernel runs on ``device`` (default: the current CUDA device)."""
+    if not torch.cuda.is_available():
+        return False
+    if isinstance(device, int):
+        index = device
+    elif device is not None and torch.device(device).index is not None:
+        index = torch.device(device).index
+    else:
+        index = torch.cuda.current_device()
+    return bool(_extension().wgmma_available(index))
 
 
 def _checked(result: tuple[torch.Tensor | None, int, str]) -> torch.Tensor:
@@ -143,9 +183,17 @@ def check_inputs(
     return m, k_pad, n_pad
 
 
-def uses_dense_path(m: int, dtype: torch.dtype, path: int) -> bool:
-    """Whether a CUDA call with ``m`` rows of ``dtype`` runs dequantize + cuBLAS instead of the fused kernel."""
-    return path == PATH_DENSE or (path == PATH_AUTO and dtype == torch.float16 and m >= DENSE_MIN_ROWS)
+def uses_dense_path(m: int, dtype: torch.dtype, path: int, device: torch.device | int | None = None) -> bool:
+    """Whether a CUDA call with ``m`` rows of ``dtype`` on ``device`` runs dequantize + cuBLAS instead of a
+    fused kernel."""
+    if path == PATH_DENSE:
+        return True
+    return (
+        path == PATH_AUTO
+        and dtype == torch.float16
+        and m >= DENSE_MIN_ROWS
+        and not wgmma_available(device)
+    )
 
 
 @torch.library.custom_op("marlin::gemm", mutates_args=())
@@ -171,9 +219,9 @@ def _gemm_cuda(
 ) -> torch.Tensor:
     m, _, _ = check_inputs(a, qweight, scales, group_size)
     ext = _extension()
-    if uses_dense_path(m, a.dtype, path):
+    if uses_dense_path(m, a.dtype, path, a.device):
         return a @ _checked(ext.dequantize(qweight, scales, group_size))
-    return _checked(ext.gemm(a, qweight, scales, group_size))
+    return _checked(ext.gemm(a, qweight, scales, group_size, _KERNEL_CODE[path]))
 
 
 @_gemm.register_fake
@@ -206,8 +254,9 @@ def marlin_gemm(
         scales: [K_pad / group_size, N_pad] (or [1, N_pad] when ``group_size == -1``), same dtype as ``a``,
             columns permuted as :mod:`gptq.format` documents.
         group_size: 32, 64, 128, or -1 for one scale per output column.
-        path: PATH_AUTO (default), PATH_FUSED (the fused kernel at any M) or PATH_DENSE (dequantize into a
-            dense [K_pad, N_pad] matrix, then cuBLAS); only affects CUDA.
+        path: PATH_AUTO (default), PATH_FUSED (a fused kernel at any M), PATH_DENSE (dequantize into a
+            dense [K_pad, N_pad] matrix, then cuBLAS), PATH_MMA (the mma.sync fused kernel) or PATH_WGMMA
+            (the Hopper fused kernel; compute capability 9.0 only); only affects CUDA.
 
     Returns:
         [..., N_pad] in ``a.dtype``; every element is written.
@@ -222,7 +271,10 @@ def marlin_gemm(
     _, _, n_pad = check_inputs(a2, qweight, scales, group_size)
     if a2.shape[0] == 0:
         return a.new_empty(*lead, n_pad)
-    if path not in (PATH_AUTO, PATH_FUSED, PATH_DENSE):
-        raise ValueError(f"path must be PATH_AUTO (0), PATH_FUSED (1) or PATH_DENSE (2), got {path}")
+    if path not in (PATH_AUTO, PATH_FUSED, PATH_DENSE, PATH_MMA, PATH_WGMMA):
+        raise ValueError(
+            "path must be PATH_AUTO (0), PATH_FUSED (1), PATH_DENSE (2), PATH_MMA (3) or PATH_WGMMA (4), "
+            f"got {path}"
+        )
     out = torch.ops.marlin.gemm(a2, qweight, scales, group_size, path)
     return out.reshape(*lead, n_pad)

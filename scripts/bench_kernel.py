@@ -5,8 +5,10 @@ one pass touches > 256 MB, far beyond the 50 MB L2); after warm-up the graph is 
 CUDA events; the median replay time divided by the number of copies is reported. Weights are random
 (never zeros): any int32 word is a valid packed group of 8 codes. fp16 cuBLAS runs in the same process.
 
-Floor = max(bytes / 3.0 TB/s, flops / 740 TFLOP/s), the H100's measured copy bandwidth and fp16 rate;
-bytes = packed weights + scales + activations + output. "of floor" = floor / our time.
+Floor = max(bytes / bandwidth, flops / matrix rate) with the device's measured ceilings (H100: 3.0 TB/s
+copy, 740 TFLOP/s fp16; H200: 4.3 TB/s, 788 TFLOP/s); bytes = packed weights + scales + activations + output.
+"of floor" = floor / our time. "ours" is the op's automatic choice; the mma, wgmma (Hopper) and dense
+(dequantize + cuBLAS) columns force each path.
 
 Prints a per-shape table, then the per-model sums (the acceptance numbers) LAST; writes JSON to --out.
 """
@@ -31,8 +33,11 @@ MODELS = {
 }
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GROUP = 128
-BANDWIDTH = 3.0e12  # bytes/s, measured device copy on the benchmark H100
-FLOPS = 740e12  # fp16 matmul, measured on the benchmark H100
+CEILINGS = {  # device name substring -> (copy bytes/s, fp16 matmul FLOP/s), measured
+    "H100": (3.0e12, 740e12),  # the benchmark H100 (../shared/design/gpu.md)
+    "H200": (4.3e12, 788e12),  # the device tool's H200 (its KINDS.md)
+}
+BANDWIDTH, FLOPS = CEILINGS["H100"]  # replaced in main() by the running device's entry
 ROTATION_BYTES = 256 * 2**20
 
 
@@ -46,7 +51,8 @@ class Row:
     batch: int
     fp16_us: float
     ours_us: float
-    fused_us: float
+    mma_us: float
+    wgmma_us: float | None
     dense_us: float | None
     floor_us: float
 
@@ -80,7 +86,7 @@ def _floor_us(m: int, k: int, n: int) -> float:
 
 
 def bench_shape(model: str, k: int, n: int, batches: tuple[int, ...], gen: torch.Generator) -> list[Row]:
-    """Time fp16 cuBLAS and our op (auto, fused and dense paths) for every batch on one [k, n] weight."""
+    """Time fp16 cuBLAS and our op (auto, each fused kernel, dense) for every batch on one [k, n] weight."""
     dev = "cuda"
     q_copies = max(2, math.ceil(ROTATION_BYTES / (k * n // 2)))
     h_copies = max(2, math.ceil(ROTATION_BYTES / (k * n * 2)))
@@ -96,26 +102,30 @@ def bench_shape(model: str, k: int, n: int, batches: tuple[int, ...], gen: torch
     for m in batches:
         a = torch.randn(m, k, generator=gen, device=dev).half()
         fp16 = _graph_time_us(lambda i, a=a: torch.matmul(a, dense[i]), h_copies)
-        fused = _graph_time_us(
-            lambda i, a=a: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, kernel.PATH_FUSED),
-            q_copies,
-        )
-        dense_us = None
-        if m >= 32:
-            dense_us = _graph_time_us(
-                lambda i, a=a: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, kernel.PATH_DENSE),
-                q_copies,
-            )
-        auto_dense = kernel.uses_dense_path(m, torch.float16, kernel.PATH_AUTO)
-        ours = dense_us if auto_dense and dense_us is not None else fused
-        rows.append(Row(model, k, n, m, fp16, ours, fused, dense_us, _floor_us(m, k, n)))
+
+        def ours_on(path: int, a: torch.Tensor = a) -> float:
+            return _graph_time_us(lambda i: kernel.marlin_gemm(a, qweights[i], scales[i], GROUP, path), q_copies)
+
+        ours = ours_on(kernel.PATH_AUTO)
+        mma = ours_on(kernel.PATH_MMA)
+        wgmma = ours_on(kernel.PATH_WGMMA) if kernel.wgmma_available() else None
+        dense_us = ours_on(kernel.PATH_DENSE) if m >= 32 else None
+        rows.append(Row(model, k, n, m, fp16, ours, mma, wgmma, dense_us, _floor_us(m, k, n)))
         print(
-            f"{model:11s} {k:5d}x{n:<5d} b={m:<4d} fp16 {fp16:8.1f}  fused {fused:8.1f}  "
-            f"dense {dense_us if dense_us is not None else float('nan'):8.1f}  -> {fp16 / ours:5.2f}x  "
-            f"floor {rows[-1].floor_us:6.1f}",
+            f"{model:11s} {k:5d}x{n:<5d} b={m:<4d} fp16 {fp16:8.1f}  ours {ours:8.1f} ({fp16 / ours:5.2f}x)  "
+            f"mma {mma:8.1f}  wgmma {_fmt(wgmma)}  dense {_fmt(dense_us)}  floor {rows[-1].floor_us:6.1f}",
             flush=True,
         )
     return rows
+
+
+def _fmt(us: float | None) -> str:
+    return f"{us if us is not None else float('nan'):8.1f}"
+
+
+def _total(rows: list[Row], field: str) -> float:
+    values = [getattr(r, field) for r in rows]
+    return float("nan") if any(v is None for v in values) else sum(values)
 
 
 def summary_table(rows: list[Row], device: str) -> str:
@@ -123,18 +133,16 @@ def summary_table(rows: list[Row], device: str) -> str:
     lines = [
         f"device: {device}   (g{GROUP}, CUDA graphs, weights rotated > 256 MB; times are sums over 4 layers)",
         f"{'shape':11s} {'batch':>5s} {'fp16 us':>9s} {'ours us':>9s} {'ratio':>6s} {'of floor':>8s} "
-        f"{'fused us':>9s} {'dense us':>9s}",
+        f"{'mma us':>9s} {'wgmma us':>9s} {'dense us':>9s}",
     ]
     for model in MODELS:
         for m in sorted({r.batch for r in rows if r.model == model}):
             sel = [r for r in rows if r.model == model and r.batch == m]
             fp16, ours = sum(r.fp16_us for r in sel), sum(r.ours_us for r in sel)
-            fused = sum(r.fused_us for r in sel)
-            dense = sum(r.dense_us for r in sel) if all(r.dense_us is not None for r in sel) else float("nan")
             floor = sum(r.floor_us for r in sel)
             lines.append(
                 f"{model:11s} {m:5d} {fp16:9.1f} {ours:9.1f} {fp16 / ours:5.2f}x {floor / ours:8.2f} "
-                f"{fused:9.1f} {dense:9.1f}"
+                f"{_total(sel, 'mma_us'):9.1f} {_total(sel, 'wgmma_us'):9.1f} {_total(sel, 'dense_us'):9.1f}"
             )
     return "\n".join(lines)
 
@@ -148,6 +156,12 @@ def main() -> None:
     if not kernel.kernel_available():
         raise SystemExit("the marlin CUDA kernel is not available (no GPU or the build failed)")
     device = torch.cuda.get_device_name()
+    global BANDWIDTH, FLOPS
+    known = [v for key, v in CEILINGS.items() if key in device]
+    if known:
+        BANDWIDTH, FLOPS = known[0]
+    else:
+        print(f"no measured ceilings for {device}; the floor uses the H100's")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for model in args.models:
@@ -157,7 +171,13 @@ def main() -> None:
     table = summary_table(rows, device)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        payload = {"device": device, "group_size": GROUP, "rows": [asdict(r) for r in rows], "summary": table}
+        payload = {
+            "device": device,
+            "group_size": GROUP,
+            "ceilings": {"bytes_per_s": BANDWIDTH, "flop_per_s": FLOPS},
+            "rows": [asdict(r) for r in rows],
+            "summary": table,
+        }
         (Path(args.out) / "bench.json").write_text(json.dumps(payload, indent=1))
     print(table)
 

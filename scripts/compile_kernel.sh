@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CI: compile the pure-CUDA kernel files with plain nvcc for sm_80 and sm_90 (no torch, no GPU needed).
+# CI: compile the pure-CUDA kernel files with plain nvcc for sm_80, sm_90 and sm_90a (the Hopper wgmma kernel;
+# MARLIN_SM90A as the extension build defines it), no torch, no GPU needed.
 # Prints ptxas register/spill reports; fails on any compile error. Skips (exit 0) when nvcc is absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,9 +10,10 @@ if ! command -v "$NVCC" >/dev/null 2>&1; then
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-for src in csrc/marlin_kernel.cu csrc/marlin_dequant.cu; do
+for src in csrc/marlin_kernel.cu csrc/marlin_wgmma.cu csrc/marlin_dequant.cu; do
   echo "== $src"
-  "$NVCC" -c -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 -Xptxas -v \
+  "$NVCC" -c -std=c++17 -DMARLIN_SM90A -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
+    -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
     "$src" -o "$tmp/$(basename "$src").o" 2>&1 | grep -E "error|warning|registers|spill" || true
   test -s "$tmp/$(basename "$src").o"
 done

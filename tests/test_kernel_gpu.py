@@ -99,6 +99,29 @@ def test_fused_path_at_large_m(m: int, dtype: torch.dtype) -> None:
     _check(m, 1024, 704, 64, dtype, path=kernel.PATH_FUSED)
 
 
+FORCED_SHAPES = ((576, 192), (1344, 448), (4096, 1088))
+
+
+@pytest.mark.parametrize("path", (kernel.PATH_MMA, kernel.PATH_WGMMA), ids=["mma", "wgmma"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize("k,n", FORCED_SHAPES)
+@pytest.mark.parametrize("m", M_SWEEP)
+def test_each_fused_kernel(m: int, k: int, n: int, g: int, dtype: torch.dtype, path: int) -> None:
+    """Both fused kernels at every m, whichever the automatic choice would take there."""
+    if path == kernel.PATH_WGMMA and not kernel.wgmma_available():
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
+    _check(m, k, n, g, dtype, path=path)
+
+
+def test_wgmma_unavailable_is_a_clear_error() -> None:
+    if kernel.wgmma_available():
+        pytest.skip("this GPU runs the wgmma kernel")
+    a, qweight, scales = _case(4, 256, 128, 64, torch.float16, seed=16)
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        kernel.marlin_gemm(a, qweight, scales, 64, path=kernel.PATH_WGMMA)
+
+
 @pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("m", (1, 33, 255))
 def test_dense_path(m: int, g: int) -> None:
@@ -113,7 +136,7 @@ def test_dequantize_matches_format() -> None:
             assert torch.equal(got, fmt.dequantize(qweight, scales, g, torch.float32).to(dtype)), (g, dtype)
 
 
-@pytest.mark.parametrize("m", (1, 16, 31, 118))
+@pytest.mark.parametrize("m", (1, 16, 31, 64, 118, 255))
 def test_repeat_determinism(m: int) -> None:
     a, qweight, scales = _case(m, 4096, 4096, 128, torch.float16, seed=11)
     first = kernel.marlin_gemm(a, qweight, scales, 128)
@@ -121,9 +144,10 @@ def test_repeat_determinism(m: int) -> None:
         assert torch.equal(kernel.marlin_gemm(a, qweight, scales, 128), first)
 
 
+@pytest.mark.parametrize("m", (16, 200))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-def test_cuda_graph_capture(dtype: torch.dtype) -> None:
-    a, qweight, scales = _case(16, 1024, 2048, 128, dtype, seed=12)
+def test_cuda_graph_capture(dtype: torch.dtype, m: int) -> None:
+    a, qweight, scales = _case(m, 1024, 2048, 128, dtype, seed=12)
     static_a = a.clone()
     kernel.marlin_gemm(static_a, qweight, scales, 128)  # warm up (and build) outside the capture
     torch.cuda.synchronize()
@@ -167,8 +191,12 @@ def test_bad_inputs_raise_before_launch() -> None:
     ext = kernel._extension()
     wide = torch.randn(4, 512, device="cuda").half()
     with pytest.raises(ValueError, match="a must be a contiguous 2-D"):
-        kernel._checked(ext.gemm(wide[:, ::2], qweight, scales, 64))
+        kernel._checked(ext.gemm(wide[:, ::2], qweight, scales, 64, 0))
     with pytest.raises(ValueError, match="scales must be"):
-        kernel._checked(ext.gemm(a, qweight, scales[:2], 64))
+        kernel._checked(ext.gemm(a, qweight, scales[:2], 64, 0))
     with pytest.raises(ValueError, match="K=256"):
-        kernel._checked(ext.gemm(a[:, :128].contiguous(), qweight, scales, 64))
+        kernel._checked(ext.gemm(a[:, :128].contiguous(), qweight, scales, 64, 0))
+    with pytest.raises(ValueError, match="kernel must be"):
+        kernel._checked(ext.gemm(a, qweight, scales, 64, 7))
+    with pytest.raises(ValueError, match="path must be"):
+        kernel.marlin_gemm(a, qweight, scales, 64, path=9)

@@ -123,7 +123,8 @@ Result gemm(const torch::Tensor& a, const torch::Tensor& qweight, const torch::T
     return {torch::Tensor(), kRuntimeError, msg("marlin: cannot query the multiprocessor count of %s",
                                                 dev(a.device()).c_str())};
   }
-  const size_t scratch_bytes = marlin_scratch_bytes(static_cast<int>(n), static_cast<int>(k), sms);
+  const size_t scratch_bytes =
+      marlin_scratch_bytes(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), dtype, sms);
   auto scratch =
       torch::empty({static_cast<int64_t>(scratch_bytes / sizeof(float)) + 1}, a.options().dtype(torch::kFloat));
   const int status = marlin_gemm(a.data_ptr(), qweight.data_ptr<int32_t>(), scales.data_ptr(), c.data_ptr(),

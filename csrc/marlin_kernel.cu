@@ -783,14 +783,14 @@ const char* marlin_status_string(int status) {
   }
 }
 
-size_t marlin_scratch_bytes(int n, int k, int sms) {
+size_t marlin_scratch_bytes(int m, int n, int k, int dtype, int sms) {
   if (n < 64 || k < 64 || sms < 1) return 0;
   // More blocks means more segments per column block: size for the largest grid, under either plan.
   const int ctas = sms * marlin::kMaxBlocksPerSm;
   const int sk = marlin::stream_k_plan(n, k, 1, ctas, marlin::kMinTileN).max_segs;
   const int sp = marlin::split_count(n, k, 1, ctas, marlin::kMinTileN);
   const size_t mma = static_cast<size_t>(n / 64) * (sk > sp ? sk : sp) * marlin::kMaxRows * 64 * sizeof(float);
-  const size_t wgmma = marlin::sm90::compiled() ? marlin::sm90::scratch_bytes(sms) : 0;
+  const size_t wgmma = marlin::sm90::compiled() && m >= 1 ? marlin::sm90::scratch_bytes(m, n, k, dtype, sms) : 0;
   return mma > wgmma ? mma : wgmma;
 }
 
@@ -823,7 +823,7 @@ int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void*
   if (kernel != MARLIN_KERNEL_AUTO && kernel != MARLIN_KERNEL_MMA && kernel != MARLIN_KERNEL_WGMMA) {
     return MARLIN_ERR_KERNEL;
   }
-  if (scratch_bytes < marlin_scratch_bytes(n, k, sms)) return MARLIN_ERR_SCRATCH;
+  if (scratch_bytes < marlin_scratch_bytes(m, n, k, dtype, sms)) return MARLIN_ERR_SCRATCH;
   const int group = per_channel ? k : group_size;
   const int4* q = reinterpret_cast<const int4*>(qweight);
   int device = 0, cc_major = 0;

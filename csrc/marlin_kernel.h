@@ -49,15 +49,17 @@ enum MarlinDtype : int { MARLIN_FP16 = 0, MARLIN_BF16 = 1 };
 // Human-readable name of a MarlinStatus.
 const char* marlin_status_string(int status);
 
-// Bytes of fp32 scratch that marlin_gemm needs for its split-k partial sums (n, k as in marlin_gemm).
-size_t marlin_scratch_bytes(int n, int k, int sms);
+// Bytes of fp32 scratch that marlin_gemm needs for its split-k partial sums (m, n, k, dtype, sms as in
+// marlin_gemm; enough for either kernel).
+size_t marlin_scratch_bytes(int m, int n, int k, int dtype, int sms);
 
 // C = A @ dequant(B), fp32 accumulation, on `stream`.
 //   a        [m, lda] fp16/bf16, row-major, only the first k columns are read; 16-byte aligned
 //   qweight  int32 [k/16, 2n] Marlin-packed codes; 16-byte aligned
 //   scales   [k/g, n] or [1, n] (group_size == -1), dtype of a, Marlin-permuted; 16-byte aligned
 //   c        [m, n] output, dtype of a; every element is written
-//   scratch  fp32 buffer of at least scratch_bytes >= marlin_scratch_bytes(n, k, sms); contents ignored;
+//   scratch  fp32 buffer of at least scratch_bytes >= marlin_scratch_bytes(m, n, k, dtype, sms);
+//            contents ignored;
 //            no state is kept between calls (safe to capture in CUDA graphs)
 //   sms      number of thread blocks to spread the work over (the device's multiprocessor count)
 //   kernel   a MarlinKernel

@@ -15,8 +15,8 @@ namespace sm90 {
 // MARLIN_SM90A defined); when false, gemm() returns MARLIN_ERR_ARCH.
 bool compiled();
 
-// Bytes of fp32 scratch gemm() needs at most for its split-k partial sums, for `sms` multiprocessors.
-size_t scratch_bytes(int sms);
+// Bytes of fp32 scratch gemm() needs for its split-k partial sums on this problem (0: none).
+size_t scratch_bytes(int m, int n, int k, int dtype, int sms);
 
 // C = A @ dequant(B) with warpgroup MMAs (wgmma): any m, any n, k, group size marlin_gemm accepts.
 int gemm(const void* a, const int4* qweight, const void* scales, void* c, float* scratch, size_t scratch_bytes,

@@ -26,42 +26,41 @@
 namespace marlin {
 namespace sm90 {
 
-constexpr int kWarpGroups = 2;              // per block, one 64-column strip each
-constexpr int kThreads = 128 * kWarpGroups;
-constexpr int kTileN = 64 * kWarpGroups;    // columns per block
-constexpr int kTileK = 64;                  // k rows per pipeline stage (four k16 steps)
-constexpr int kMinPartTiles = 4;            // k tiles per split part at least
+constexpr int kTileK = 64;         // k rows per pipeline stage (four k16 steps)
+constexpr int kMinPartTiles = 4;   // k tiles per split part at least
+constexpr int kPartCostTiles = 3;  // fixed cost of a block (pipeline fill, epilogue), in tiles of work
 
-// Bytes of one pipeline stage for MT rows. The activations come first: stage strides are multiples of
-// 1024 bytes, as the 128-byte swizzle atoms of the wgmma B operand need.
-template <int MT>
+// Bytes of one pipeline stage for MT rows and WG warpgroups (64-column strips). The activations come
+// first: stage strides are multiples of 1024 bytes, as the 128-byte swizzle atoms of the wgmma B operand need.
+template <int MT, int WG>
 struct Layout {
-  static constexpr int kA = MT * 128;                // activations: MT rows x 64 k (16-bit), swizzled
-  static constexpr int kB = kWarpGroups * 4 * 512;   // weights: [strip][k16 step][lane] 16-byte vectors
-  static constexpr int kS = 2 * kTileN * 2;          // scales: up to two group rows x kTileN columns
+  static constexpr int kA = MT * 128;          // activations: MT rows x 64 k (16-bit), swizzled
+  static constexpr int kB = WG * 4 * 512;      // weights: [strip][k16 step][lane] 16-byte vectors
+  static constexpr int kS = 2 * (64 * WG) * 2; // scales: up to two group rows x the block's columns
   static constexpr int kStage = (kA + kB + kS + 1023) / 1024 * 1024;
 };
 
-// Pipeline depth and blocks per multiprocessor per row tile: MT = 64 needs ~100 registers per thread (two
-// blocks per SM), MT = 128 ~170 (one block); 8 stages keep 6 tiles of weights in flight per block.
-template <int MT>
-struct Config;
-template <>
-struct Config<64> {
+// Launch configurations (all 8 stages: 6 tiles in flight per block).
+//  - fp16: four warpgroups (256 columns per block, so each activation tile feeds twice the weights),
+//    scales applied to the dequantized weights in fp16 (one fp32 accumulator set: ~2e-4 relative error,
+//    like the mma.sync kernel's 4-row-block variant); one block of 512 threads per SM.
+//  - bf16 (and any dtype with SCALE_A false): two warpgroups with fp32 group sums folded in with fp32
+//    scales (rounding the scaled weights to bf16 would cost ~2e-3); MT = 64: two blocks per SM (~120
+//    registers), MT = 128: one (~190).
+template <int MT, int WG>
+struct Config {
   static constexpr int kStages = 8;
-  static constexpr int kBlocksPerSm = 2;
-};
-template <>
-struct Config<128> {
-  static constexpr int kStages = 8;
-  static constexpr int kBlocksPerSm = 1;
+  static constexpr int kBlocksPerSm = (WG == 2 && MT == 64) ? 2 : 1;
+  static constexpr int kSmem = kStages * Layout<MT, WG>::kStage;
 };
 
 template <typename T,     // half or __nv_bfloat16: element type of A, scales and C
           int MT,         // rows per block (the wgmma N): 64 or 128
+          int WG,         // warpgroups per block, one 64-column strip each: 2 or 4
+          bool SCALE_A,   // true: scale the dequantized weights in 16 bits (fp16); false: fp32 group fold
           int STAGES,     // cp.async pipeline depth in 64-row k tiles
           int MIN_BLOCKS> // blocks per SM the register allocation must allow
-__global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
+__global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
     wgmma_kernel(const T* __restrict__ a,           // [m, lda] activations (first k columns used)
                  const int4* __restrict__ qweight,  // [k/16, n/2] packed codes as 16-byte vectors
                  const T* __restrict__ scales,      // [k/group, n] or [1, n], Marlin-permuted columns
@@ -77,7 +76,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
                  int splits) {                      // k parts per (row tile, column block)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = Traits<T>;
-  using L = Layout<MT>;
+  using L = Layout<MT, WG>;
+  constexpr int kThreads = 128 * WG;
+  constexpr int kTileN = 64 * WG;
   constexpr int kAcc = MT / 2;  // accumulator registers per thread
   extern __shared__ __align__(1024) uint8_t smem[];
 
@@ -94,15 +95,17 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   const int part = rest % splits, nb = rest / splits;
   const int kt0 = part * k_tiles / splits, kt1 = (part + 1) * k_tiles / splits;
   const int m0 = mt * MT;
-  const int strip = nb * kWarpGroups + wg;
+  const int strip = nb * WG + wg;
   const bool active = strip < n_strips;  // uniform over the warpgroup
   const bool group32 = !per_channel && group == 32;
   const int tiles_per_group = per_channel ? k_tiles : (group32 ? 1 : group / kTileK);
   auto scale_row = [&](int kt, int r) { return per_channel ? 0 : (kt * kTileK + 32 * r) / group; };
 
   // Copies per stage: activation chunks (MT rows x 8 chunks of 16 bytes), one weight vector per thread
-  // (warpgroup wg copies its own strip: k16 step `warp`, lane `lane`), and the scale rows (16 vectors each).
+  // (warpgroup wg copies its own strip: k16 step `warp`, lane `lane`), and the scale rows.
   constexpr int kActPerThread = MT * 8 / kThreads;
+  static_assert(kActPerThread >= 1 && MT * 8 % kThreads == 0, "activation copies must tile the threads");
+  constexpr int kScaleVecs = kTileN / 8;  // 16-byte scale vectors per group row
   const uint32_t sh = smem_addr(smem);
   const T* a_src[kActPerThread];
   uint32_t a_dst[kActPerThread];
@@ -116,8 +119,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   }
   const int4* b_src = qweight + static_cast<size_t>(warp) * n_words + strip * 32 + lane;
   const uint32_t b_dst = L::kA + tid * 16;
-  const int s_r = tid >> 4, s_chunk = tid & 15;
-  const bool s_ok = tid < (group32 ? 32 : 16) && nb * kTileN + s_chunk * 8 < n;
+  const int s_r = tid / kScaleVecs, s_chunk = tid % kScaleVecs;
+  const bool s_ok = tid < (group32 ? 2 : 1) * kScaleVecs && nb * kTileN + s_chunk * 8 < n;
   const T* s_src = scales + nb * kTileN + s_chunk * 8;
   const uint32_t s_dst = L::kA + L::kB + s_r * (kTileN * 2) + s_chunk * 16;
   auto fetch = [&](int stage, int kt) {
@@ -135,22 +138,50 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   const int col0 = 16 * warp + (lane >> 2);
   const uint32_t s_off0 = L::kA + L::kB + 2 * (wg * 64 + scale_pos(col0, per_channel != 0));
   const uint32_t s_off1 = L::kA + L::kB + 2 * (wg * 64 + scale_pos(col0 + 8, per_channel != 0));
+  auto load_scales = [&](int stage, int r, uint16_t& h0, uint16_t& h1) {
+    const uint32_t base = sh + stage * L::kStage + r * (kTileN * 2);
+    h0 = lds16(base + s_off0);
+    h1 = lds16(base + s_off1);
+  };
 
-  float acc[kAcc], grp[kAcc];
+  // SCALE_A: the wgmmas accumulate into acc; else into the group sum grp, folded into acc per group.
+  float acc[kAcc], grp[kAcc];  // (grp unused, and optimized away, with SCALE_A)
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) acc[i] = grp[i] = 0.f;
-  // acc += scale * grp with the scales of group row r held in pipeline stage `stage`.
-  auto fold = [&](int stage, int r) {
-    const uint32_t base = sh + stage * L::kStage + r * (kTileN * 2);
-    const uint16_t h0 = lds16(base + s_off0), h1 = lds16(base + s_off1);
+  auto mma = [&](const uint32_t(&af)[4], uint64_t desc, int scale_d) {
+    if constexpr (SCALE_A) {
+      wgmma_m64k16<T, MT>(acc, af, desc, scale_d);
+    } else {
+      wgmma_m64k16<T, MT>(grp, af, desc, scale_d);
+    }
+  };
+  auto fence_d = [&]() {
+    if constexpr (SCALE_A) {
+      fence_registers(acc);
+    } else {
+      fence_registers(grp);
+    }
+  };
+  // acc (+)= scale * src with the scales of group row r held in pipeline stage `stage`. Element 4q + 2h + e
+  // is row 16 warp + lane/4 + 8h of C^T.
+  auto fold = [&](int stage, int r, const float(&src)[kAcc]) {
+    uint16_t h0, h1;
+    load_scales(stage, r, h0, h1);
     const float s0 = Tr::to_float(*reinterpret_cast<const T*>(&h0));
     const float s1 = Tr::to_float(*reinterpret_cast<const T*>(&h1));
 #pragma unroll
     for (int q = 0; q < kAcc / 4; ++q) {
-      acc[4 * q + 0] += s0 * grp[4 * q + 0];
-      acc[4 * q + 1] += s0 * grp[4 * q + 1];
-      acc[4 * q + 2] += s1 * grp[4 * q + 2];
-      acc[4 * q + 3] += s1 * grp[4 * q + 3];
+      if constexpr (SCALE_A) {
+        acc[4 * q + 0] = s0 * src[4 * q + 0];
+        acc[4 * q + 1] = s0 * src[4 * q + 1];
+        acc[4 * q + 2] = s1 * src[4 * q + 2];
+        acc[4 * q + 3] = s1 * src[4 * q + 3];
+      } else {
+        acc[4 * q + 0] += s0 * src[4 * q + 0];
+        acc[4 * q + 1] += s0 * src[4 * q + 1];
+        acc[4 * q + 2] += s1 * src[4 * q + 2];
+        acc[4 * q + 3] += s1 * src[4 * q + 3];
+      }
     }
   };
 
@@ -163,9 +194,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
   }
 
   int stage = 0, f_stage = STAGES - 2;
-  bool pending = false;            // grp holds a finished group not yet folded
+  bool pending = false;            // !SCALE_A: grp holds a finished group not yet folded
   int pend_stage = 0, pend_r = 0;  // where that group's scales are
-  bool fresh = true;               // the next wgmma starts a new group sum (scale-d = 0)
+  bool fresh = true;               // the next wgmma starts a new sum (scale-d = 0)
   for (int kt = kt0; kt < kt1; ++kt) {
     cp_async_wait<STAGES - 3>();
     fence_proxy_async_shared();
@@ -174,56 +205,78 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
     cp_async_commit();
     if (++f_stage == STAGES) f_stage = 0;
 
-    {  // every warpgroup, also an inactive one: wgmma code in divergent branches gets serialized by ptxas
-      const uint32_t base = sh + stage * L::kStage;
-      uint32_t af[4][4];
+    // Every warpgroup runs this, also an inactive one: ptxas serializes wgmmas in divergent code.
+    const uint32_t base = sh + stage * L::kStage;
+    // Tile kt - 1's wgmmas must be done before their A registers are rewritten (and before the fold).
+    wgmma_wait<0>();
+    fence_d();
+    if (!SCALE_A && pending) {
+      fold(pend_stage, pend_r, grp);
+      fresh = true;
+    }
+    // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
+    uint32_t s0p = 0u, s1p = 0u, s0q = 0u, s1q = 0u;
+    if (SCALE_A && !per_channel) {
+      uint16_t h0, h1;
+      load_scales(stage, 0, h0, h1);
+      s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
+      if (group32) {
+        load_scales(stage, 1, h0, h1);
+        s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
+      }
+    }
+    uint32_t af[4][4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        uint32_t w[4];
-        Tr::dequant(lds32(base + w_off + 512 * i), w);
+    for (int i = 0; i < 4; ++i) {
+      uint32_t w[4];
+      Tr::dequant(lds32(base + w_off + 512 * i), w);
+      if (SCALE_A && !per_channel) {
+        const bool second = group32 && i >= 2;
+        const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
+        af[i][0] = Tr::mul(w[0], s0), af[i][1] = Tr::mul(w[2], s1);
+        af[i][2] = Tr::mul(w[1], s0), af[i][3] = Tr::mul(w[3], s1);
+      } else {
         af[i][0] = w[0], af[i][1] = w[2], af[i][2] = w[1], af[i][3] = w[3];
       }
-      wgmma_wait<0>();  // tile kt - 1's wgmmas (they overlapped the dequantization above)
-      fence_registers(grp);
-      if (pending) {
-        fold(pend_stage, pend_r);
-        fresh = true;
-      }
-      const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
-      wgmma_fence();
-      if (group32) {
-        wgmma_m64k16<T, MT>(grp, af[0], desc, 0);
-        wgmma_m64k16<T, MT>(grp, af[1], desc + 2, 1);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_registers(grp);
-        fold(stage, 0);
-        wgmma_fence();
-        wgmma_m64k16<T, MT>(grp, af[2], desc + 4, 0);
-        wgmma_m64k16<T, MT>(grp, af[3], desc + 6, 1);
-        wgmma_commit();
-        pending = true;
-        pend_r = 1;
-      } else {
-        wgmma_m64k16<T, MT>(grp, af[0], desc, fresh ? 0 : 1);
-        wgmma_m64k16<T, MT>(grp, af[1], desc + 2, 1);
-        wgmma_m64k16<T, MT>(grp, af[2], desc + 4, 1);
-        wgmma_m64k16<T, MT>(grp, af[3], desc + 6, 1);
-        wgmma_commit();
-        pending = (kt + 1) % tiles_per_group == 0;
-        pend_r = 0;
-      }
-      fence_registers(grp);
-      pend_stage = stage;
-      fresh = false;
     }
+    const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
+    wgmma_fence();
+    if (!SCALE_A && group32) {
+      mma(af[0], desc, 0);
+      mma(af[1], desc + 2, 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_d();
+      fold(stage, 0, grp);
+      wgmma_fence();
+      mma(af[2], desc + 4, 0);
+      mma(af[3], desc + 6, 1);
+      wgmma_commit();
+      pending = true;
+      pend_r = 1;
+    } else {
+      mma(af[0], desc, fresh ? 0 : 1);
+      mma(af[1], desc + 2, 1);
+      mma(af[2], desc + 4, 1);
+      mma(af[3], desc + 6, 1);
+      wgmma_commit();
+      pending = (kt + 1) % tiles_per_group == 0;
+      pend_r = 0;
+    }
+    fence_d();
+    pend_stage = stage;
+    fresh = false;
     if (++stage == STAGES) stage = 0;
   }
   cp_async_wait<0>();
   launch_dependents();
   wgmma_wait<0>();
-  fence_registers(grp);
-  fold(pend_stage, pend_r);  // the last group (complete or cut by the part's end)
+  fence_d();
+  if constexpr (SCALE_A) {
+    if (per_channel) fold(pend_stage, 0, acc);  // acc = scale * acc (pend_stage: any stage holds row 0)
+  } else {
+    fold(pend_stage, pend_r, grp);  // the last group (complete or cut by the part's end)
+  }
   if (!active) return;
 
   // Element 4q + 2h + e of acc: column strip*64 + col0 + 8h, row m0 + 8q + 2(lane%4) + e.
@@ -257,66 +310,82 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS)
 template <typename T>
 __global__ void sum_parts_kernel(const float* __restrict__ scratch,  // [parts, m * n] partial sums
                                  T* __restrict__ c,                  // [m * n] output
-                                 int count,                          // m * n, multiple of 4
+                                 long long count,                    // m * n, multiple of 4
                                  int parts) {
   using T2 = typename Traits<T>::T2;
   grid_dependency_wait();  // the gemm kernel's partial sums
   launch_dependents();
-  const int i = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+  const long long i = 4 * (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x);
   if (i >= count) return;
   float4 s = __ldcg(reinterpret_cast<const float4*>(scratch + i));
   for (int p = 1; p < parts; ++p) {
-    const float4 v = __ldcg(reinterpret_cast<const float4*>(scratch + static_cast<size_t>(p) * count + i));
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(scratch + p * count + i));
     s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
   }
   reinterpret_cast<T2*>(c + i)[0] = Traits<T>::pack2(s.x, s.y);
   reinterpret_cast<T2*>(c + i)[1] = Traits<T>::pack2(s.z, s.w);
 }
 
-// k parts per unit: enough to fill `slots` block slots, each part at least kMinPartTiles tiles.
-int plan_splits(int units, int k_tiles, int slots) {
-  int splits = units >= slots ? 1 : slots / units;
+// Grid shape of one call: row tiles x column blocks x k parts.
+struct Plan {
+  int m_tiles, n_blocks, splits;
+};
+
+// k parts per (row tile, column block): the count that minimizes the modelled time, (blocks per SM,
+// rounded up) x (tiles per part + the fixed cost of a block), with parts of at least kMinPartTiles tiles
+// and at most 8 blocks per SM (which also bounds the scratch).
+Plan make_plan(int m, int n, int k, int mt, int wg, int sms) {
+  Plan p;
+  p.m_tiles = (m + mt - 1) / mt;
+  p.n_blocks = (n + 64 * wg - 1) / (64 * wg);
+  const long long units = static_cast<long long>(p.m_tiles) * p.n_blocks;
+  const int k_tiles = k / kTileK;
   const int most = k_tiles / kMinPartTiles;
-  if (splits > most) splits = most;
-  return splits < 1 ? 1 : splits;
+  p.splits = 1;
+  double best = 0.0;
+  for (int s = 1; s <= (most > 1 ? most : 1); ++s) {
+    if (s > 1 && units * s > 8LL * sms) break;
+    const double waves = static_cast<double>((units * s + sms - 1) / sms);
+    const double cost = waves * (static_cast<double>(k_tiles) / s + kPartCostTiles);
+    if (s == 1 || cost < best) best = cost, p.splits = s;
+  }
+  return p;
 }
 
-template <typename T, int MT>
+// The configuration a call with m rows of dtype runs: rows per block and warpgroups per block.
+void pick(int m, int dtype, int& mt, int& wg) {
+  mt = m <= 64 ? 64 : 128;
+  wg = dtype == MARLIN_FP16 ? 4 : 2;
+}
+
+size_t plan_scratch_bytes(const Plan& p, int m, int n) {
+  return p.splits > 1 ? static_cast<size_t>(p.splits) * m * n * sizeof(float) : 0;
+}
+
+template <typename T, int MT, int WG, bool SCALE_A>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, size_t scratch_bytes, int m, int n,
            int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
-  using C = Config<MT>;
-  auto kernel = wgmma_kernel<T, MT, C::kStages, C::kBlocksPerSm>;
-  constexpr int smem = C::kStages * Layout<MT>::kStage;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+  using C = Config<MT, WG>;
+  auto kernel = wgmma_kernel<T, MT, WG, SCALE_A, C::kStages, C::kBlocksPerSm>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  const int m_tiles = (m + MT - 1) / MT, n_blocks = (n + kTileN - 1) / kTileN, k_tiles = k / kTileK;
-  const int splits = plan_splits(m_tiles * n_blocks, k_tiles, sms * C::kBlocksPerSm);
-  if (splits > 1 && static_cast<size_t>(splits) * m * n * sizeof(float) > scratch_bytes) return MARLIN_ERR_SCRATCH;
-  if (launch_kernel(kernel, m_tiles * n_blocks * splits, kThreads, smem, stream, pdl, a, qweight, scales, c, scratch,
-                    m, n, k, lda, group, per_channel, m_tiles, splits) != cudaSuccess) {
+  const Plan p = make_plan(m, n, k, MT, WG, sms);
+  if (plan_scratch_bytes(p, m, n) > scratch_bytes) return MARLIN_ERR_SCRATCH;
+  if (launch_kernel(kernel, p.m_tiles * p.n_blocks * p.splits, 128 * WG, C::kSmem, stream, pdl, a, qweight, scales, c,
+                    scratch, m, n, k, lda, group, per_channel, p.m_tiles, p.splits) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  if (splits > 1) {
-    const int count = m * n, threads = 256;
-    const int blocks = (count / 4 + threads - 1) / threads;
-    if (launch_kernel(sum_parts_kernel<T>, blocks, threads, 0, stream, pdl, static_cast<const float*>(scratch), c,
-                      count, splits) != cudaSuccess) {
+  if (p.splits > 1) {
+    const long long count = static_cast<long long>(m) * n;
+    const int threads = 256;
+    const long long blocks = (count / 4 + threads - 1) / threads;
+    if (launch_kernel(sum_parts_kernel<T>, static_cast<int>(blocks), threads, 0, stream, pdl,
+                      static_cast<const float*>(scratch), c, count, p.splits) != cudaSuccess) {
       return MARLIN_ERR_LAUNCH;
     }
   }
   return MARLIN_OK;
-}
-
-template <typename T>
-int gemm_t(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, size_t scratch_bytes, int m, int n,
-           int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
-  if (m <= 64) {
-    return launch<T, 64>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms, pdl,
-                         stream);
-  }
-  return launch<T, 128>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms, pdl,
-                        stream);
 }
 
 bool compiled() {
@@ -327,24 +396,33 @@ bool compiled() {
 #endif
 }
 
-size_t scratch_bytes(int sms) {
-  // With splits > 1 the grid fits in one wave: splits x m x n <= slots x MT x kTileN.
-  const size_t per_sm = Config<64>::kBlocksPerSm * 64 > Config<128>::kBlocksPerSm * 128
-                            ? Config<64>::kBlocksPerSm * 64
-                            : Config<128>::kBlocksPerSm * 128;
-  return static_cast<size_t>(sms) * per_sm * kTileN * sizeof(float);
+size_t scratch_bytes(int m, int n, int k, int dtype, int sms) {
+  int mt = 0, wg = 0;
+  pick(m, dtype, mt, wg);
+  return plan_scratch_bytes(make_plan(m, n, k, mt, wg, sms), m, n);
 }
 
 int gemm(const void* a, const int4* qweight, const void* scales, void* c, float* scratch, size_t scratch_bytes, int m,
          int n, int k, int lda, int group, int per_channel, int dtype, int sms, bool pdl, cudaStream_t stream) {
   if (!compiled()) return MARLIN_ERR_ARCH;
+  int mt = 0, wg = 0;
+  pick(m, dtype, mt, wg);
   if (dtype == MARLIN_FP16) {
-    return gemm_t(static_cast<const half*>(a), qweight, static_cast<const half*>(scales), static_cast<half*>(c),
-                  scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms, pdl, stream);
+    const half* a16 = static_cast<const half*>(a);
+    const half* s16 = static_cast<const half*>(scales);
+    half* c16 = static_cast<half*>(c);
+    return mt == 64 ? launch<half, 64, 4, true>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
+                                                per_channel, sms, pdl, stream)
+                    : launch<half, 128, 4, true>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
+                                                 per_channel, sms, pdl, stream);
   }
-  return gemm_t(static_cast<const __nv_bfloat16*>(a), qweight, static_cast<const __nv_bfloat16*>(scales),
-                static_cast<__nv_bfloat16*>(c), scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms, pdl,
-                stream);
+  const __nv_bfloat16* ab = static_cast<const __nv_bfloat16*>(a);
+  const __nv_bfloat16* sb = static_cast<const __nv_bfloat16*>(scales);
+  __nv_bfloat16* cb = static_cast<__nv_bfloat16*>(c);
+  return mt == 64 ? launch<__nv_bfloat16, 64, 2, false>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n, k, lda, group,
+                                                        per_channel, sms, pdl, stream)
+                  : launch<__nv_bfloat16, 128, 2, false>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n, k, lda,
+                                                         group, per_channel, sms, pdl, stream);
 }
 
 }  // namespace sm90

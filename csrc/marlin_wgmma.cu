@@ -8,14 +8,15 @@
 // activations (MT rows x 64 k per stage, 128-byte swizzled) are the B operand, read by the tensor cores from
 // shared memory, so one wgmma covers 64 columns x MT rows x 16 k.
 //
-// A block has two warpgroups (128 columns) and MT = 64 or 128 rows; it covers one (row tile, column block,
-// k part) unit. Weights, activations and scales flow through a STAGES-deep cp.async pipeline, fetched
-// STAGES - 2 tiles ahead so that a stage is refilled only after the wgmmas that read it have completed
-// (each warpgroup waits for its previous tile's wgmmas before issuing the next, while the next tile's
-// weights are already dequantized). Group sums are kept in fp32 apart from the running sum and folded in
-// with their fp32 scale at the end of each scale group, as in the mma.sync kernels. When the grid would
-// leave multiprocessors idle, k is split into equal parts; the parts' fp32 sums go to scratch and a second
-// kernel adds them in part order (deterministic, no state kept between launches, graph-safe).
+// A block has WG warpgroups (WG x 64 columns) and MT rows (16, 32, 64 or 128); it covers one (row tile,
+// column block, k part) unit. Weights, activations and scales flow through a STAGES-deep cp.async pipeline,
+// fetched STAGES - 2 tiles ahead so that a stage is refilled only after the wgmmas that read it have
+// completed: each warpgroup waits for its previous tile's wgmmas before it rewrites their A registers and
+// issues the next tile's. fp16 applies the group scales to the dequantized weights (16-bit products, one
+// fp32 accumulator set); bf16 keeps fp32 group sums apart from the running sum and folds them in with their
+// fp32 scale at the end of each group, as the mma.sync kernels do. When the grid would leave multiprocessors
+// idle, k is split into equal parts; the parts' fp32 sums go to scratch and a second kernel adds them in part
+// order (deterministic, no state kept between launches, graph-safe).
 #include "marlin_kernel.h"
 #include "marlin_launch.cuh"
 #include "marlin_layout.cuh"
@@ -40,17 +41,18 @@ struct Layout {
   static constexpr int kStage = (kA + kB + kS + 1023) / 1024 * 1024;
 };
 
-// Launch configurations (all 8 stages: 6 tiles in flight per block).
-//  - fp16: four warpgroups (256 columns per block, so each activation tile feeds twice the weights),
-//    scales applied to the dequantized weights in fp16 (one fp32 accumulator set: ~2e-4 relative error,
-//    like the mma.sync kernel's 4-row-block variant); one block of 512 threads per SM.
+// Launch configurations (8 stages: 6 tiles in flight per block; 12 measured no faster).
+//  - fp16: four warpgroups (256 columns per block, so each activation tile feeds twice the weights; two
+//    warpgroups with 2-3 blocks per SM measured 10-80% slower), scales applied to the dequantized weights in
+//    fp16 (one fp32 accumulator set: ~2e-4 relative error, like the mma.sync kernel's 4-row-block variant);
+//    one block of 512 threads per SM.
 //  - bf16 (and any dtype with SCALE_A false): two warpgroups with fp32 group sums folded in with fp32
 //    scales (rounding the scaled weights to bf16 would cost ~2e-3); MT = 64: two blocks per SM (~120
 //    registers), MT = 128: one (~190).
-template <int MT, int WG>
+template <int MT, int WG, int STAGES, bool SCALE_A = false>
 struct Config {
-  static constexpr int kStages = 8;
-  static constexpr int kBlocksPerSm = (WG == 2 && MT == 64) ? 2 : 1;
+  static constexpr int kStages = STAGES;
+  static constexpr int kBlocksPerSm = WG == 4 ? 1 : SCALE_A ? (MT <= 32 ? 3 : 2) : (MT == 64 ? 2 : 1);
   static constexpr int kSmem = kStages * Layout<MT, WG>::kStage;
 };
 
@@ -103,17 +105,18 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
 
   // Copies per stage: activation chunks (MT rows x 8 chunks of 16 bytes), one weight vector per thread
   // (warpgroup wg copies its own strip: k16 step `warp`, lane `lane`), and the scale rows.
-  constexpr int kActPerThread = MT * 8 / kThreads;
-  static_assert(kActPerThread >= 1 && MT * 8 % kThreads == 0, "activation copies must tile the threads");
+  constexpr int kActPerThread = (MT * 8 + kThreads - 1) / kThreads;
+  static_assert(MT * 8 % kThreads == 0 || kActPerThread == 1, "activation copies must tile the threads");
   constexpr int kScaleVecs = kTileN / 8;  // 16-byte scale vectors per group row
   const uint32_t sh = smem_addr(smem);
   const T* a_src[kActPerThread];
   uint32_t a_dst[kActPerThread];
-  bool a_ok[kActPerThread];
+  bool a_ok[kActPerThread], a_cp[kActPerThread];
 #pragma unroll
   for (int r = 0; r < kActPerThread; ++r) {
     const int v = tid + r * kThreads, row = v >> 3, chunk = v & 7;
-    a_ok[r] = m0 + row < m;
+    a_cp[r] = v < MT * 8;  // this thread copies chunk v
+    a_ok[r] = a_cp[r] && m0 + row < m;
     a_src[r] = a + static_cast<size_t>(a_ok[r] ? m0 + row : 0) * lda + chunk * 8;
     a_dst[r] = row * 128 + ((chunk ^ (row & 7)) << 4);
   }
@@ -126,7 +129,9 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
   auto fetch = [&](int stage, int kt) {
     const uint32_t base = sh + stage * L::kStage;
 #pragma unroll
-    for (int r = 0; r < kActPerThread; ++r) cp_async16_zfill(base + a_dst[r], a_src[r] + kt * kTileK, a_ok[r]);
+    for (int r = 0; r < kActPerThread; ++r) {
+      if (a_cp[r]) cp_async16_zfill(base + a_dst[r], a_src[r] + kt * kTileK, a_ok[r]);
+    }
     // Beyond the last strip: zeros (the warpgroup computes on them, uniformly, and stores nothing).
     cp_async16_zfill(base + b_dst, active ? b_src + static_cast<size_t>(kt) * 4 * n_words : qweight, active);
     if (s_ok) cp_async16(base + s_dst, s_src + static_cast<size_t>(scale_row(kt, s_r)) * n);
@@ -188,57 +193,65 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
   grid_dependency_wait();  // any input may be the previous kernel's output
 
 #pragma unroll
-  for (int s = 0; s < STAGES - 2; ++s) {
+  // Tiles fetched ahead: tile t's stage is refilled at iteration t + 2, after the barrier that follows every
+  // warpgroup's wait for tile t's wgmmas (at t + 1).
+  constexpr int kAhead = STAGES - 2;
+  for (int s = 0; s < kAhead; ++s) {
     if (kt0 + s < kt1) fetch(s, kt0 + s);
     cp_async_commit();
   }
 
-  int stage = 0, f_stage = STAGES - 2;
+  int stage = 0, f_stage = kAhead;
   bool pending = false;            // !SCALE_A: grp holds a finished group not yet folded
   int pend_stage = 0, pend_r = 0;  // where that group's scales are
   bool fresh = true;               // the next wgmma starts a new sum (scale-d = 0)
   for (int kt = kt0; kt < kt1; ++kt) {
-    cp_async_wait<STAGES - 3>();
+    cp_async_wait<kAhead - 1>();
     fence_proxy_async_shared();
     __syncthreads();  // tile kt visible to all; every warpgroup is done with tile kt - 2's stage
-    if (kt + STAGES - 2 < kt1) fetch(f_stage, kt + STAGES - 2);
+    if (kt + kAhead < kt1) fetch(f_stage, kt + kAhead);
     cp_async_commit();
     if (++f_stage == STAGES) f_stage = 0;
 
     // Every warpgroup runs this, also an inactive one: ptxas serializes wgmmas in divergent code.
     const uint32_t base = sh + stage * L::kStage;
-    // Tile kt - 1's wgmmas must be done before their A registers are rewritten (and before the fold).
+    uint32_t af[4][4];  // this tile's A fragments, one per k16 step
+    auto dequant_tile = [&]() {
+      // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
+      uint32_t s0p = 0u, s1p = 0u, s0q = 0u, s1q = 0u;
+      if (SCALE_A && !per_channel) {
+        uint16_t h0, h1;
+        load_scales(stage, 0, h0, h1);
+        s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
+        if (group32) {
+          load_scales(stage, 1, h0, h1);
+          s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        uint32_t w[4];
+        Tr::dequant(lds32(base + w_off + 512 * i), w);
+        if (SCALE_A && !per_channel) {
+          const bool second = group32 && i >= 2;
+          const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
+          af[i][0] = Tr::mul(w[0], s0), af[i][1] = Tr::mul(w[2], s1);
+          af[i][2] = Tr::mul(w[1], s0), af[i][3] = Tr::mul(w[3], s1);
+        } else {
+          af[i][0] = w[0], af[i][1] = w[2], af[i][2] = w[1], af[i][3] = w[3];
+        }
+      }
+    };
+    // Tile kt - 1's wgmmas must be done before their A registers are rewritten (reading registers an
+    // in-flight wgmma reads is undefined) and before a fold. (Keeping one tile's wgmmas in flight with
+    // double-buffered A registers measured no faster on the H200.)
     wgmma_wait<0>();
     fence_d();
     if (!SCALE_A && pending) {
       fold(pend_stage, pend_r, grp);
       fresh = true;
     }
-    // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
-    uint32_t s0p = 0u, s1p = 0u, s0q = 0u, s1q = 0u;
-    if (SCALE_A && !per_channel) {
-      uint16_t h0, h1;
-      load_scales(stage, 0, h0, h1);
-      s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
-      if (group32) {
-        load_scales(stage, 1, h0, h1);
-        s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
-      }
-    }
-    uint32_t af[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      uint32_t w[4];
-      Tr::dequant(lds32(base + w_off + 512 * i), w);
-      if (SCALE_A && !per_channel) {
-        const bool second = group32 && i >= 2;
-        const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
-        af[i][0] = Tr::mul(w[0], s0), af[i][1] = Tr::mul(w[2], s1);
-        af[i][2] = Tr::mul(w[1], s0), af[i][3] = Tr::mul(w[3], s1);
-      } else {
-        af[i][0] = w[0], af[i][1] = w[2], af[i][2] = w[1], af[i][3] = w[3];
-      }
-    }
+    dequant_tile();
     const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
     wgmma_fence();
     if (!SCALE_A && group32) {
@@ -352,20 +365,22 @@ Plan make_plan(int m, int n, int k, int mt, int wg, int sms) {
   return p;
 }
 
-// The configuration a call with m rows of dtype runs: rows per block and warpgroups per block.
+// The configuration a call with m rows of dtype runs: rows per block (the smallest of 16, 32, 64, 128 that
+// covers m; bf16: 64 or 128) and warpgroups per block (fp16 4, bf16 2).
 void pick(int m, int dtype, int& mt, int& wg) {
-  mt = m <= 64 ? 64 : 128;
-  wg = dtype == MARLIN_FP16 ? 4 : 2;
+  const bool fp16 = dtype == MARLIN_FP16;
+  mt = fp16 && m <= 16 ? 16 : fp16 && m <= 32 ? 32 : m <= 64 ? 64 : 128;
+  wg = fp16 ? 4 : 2;
 }
 
 size_t plan_scratch_bytes(const Plan& p, int m, int n) {
   return p.splits > 1 ? static_cast<size_t>(p.splits) * m * n * sizeof(float) : 0;
 }
 
-template <typename T, int MT, int WG, bool SCALE_A>
+template <typename T, int MT, int WG, bool SCALE_A, int STAGES>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, size_t scratch_bytes, int m, int n,
            int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
-  using C = Config<MT, WG>;
+  using C = Config<MT, WG, STAGES, SCALE_A>;
   auto kernel = wgmma_kernel<T, MT, WG, SCALE_A, C::kStages, C::kBlocksPerSm>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
@@ -402,6 +417,13 @@ size_t scratch_bytes(int m, int n, int k, int dtype, int sms) {
   return plan_scratch_bytes(make_plan(m, n, k, mt, wg, sms), m, n);
 }
 
+template <int MT>
+int launch_fp16(const half* a, const int4* qweight, const half* scales, half* c, float* scratch, size_t scratch_bytes,
+                int m, int n, int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
+  return launch<half, MT, 4, true, 8>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel,
+                                      sms, pdl, stream);
+}
+
 int gemm(const void* a, const int4* qweight, const void* scales, void* c, float* scratch, size_t scratch_bytes, int m,
          int n, int k, int lda, int group, int per_channel, int dtype, int sms, bool pdl, cudaStream_t stream) {
   if (!compiled()) return MARLIN_ERR_ARCH;
@@ -411,18 +433,28 @@ int gemm(const void* a, const int4* qweight, const void* scales, void* c, float*
     const half* a16 = static_cast<const half*>(a);
     const half* s16 = static_cast<const half*>(scales);
     half* c16 = static_cast<half*>(c);
-    return mt == 64 ? launch<half, 64, 4, true>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
-                                                per_channel, sms, pdl, stream)
-                    : launch<half, 128, 4, true>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
-                                                 per_channel, sms, pdl, stream);
+    switch (mt) {
+      case 16:
+        return launch_fp16<16>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
+                               pdl, stream);
+      case 32:
+        return launch_fp16<32>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
+                               pdl, stream);
+      case 64:
+        return launch_fp16<64>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
+                               pdl, stream);
+      default:
+        return launch_fp16<128>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
+                                pdl, stream);
+    }
   }
   const __nv_bfloat16* ab = static_cast<const __nv_bfloat16*>(a);
   const __nv_bfloat16* sb = static_cast<const __nv_bfloat16*>(scales);
   __nv_bfloat16* cb = static_cast<__nv_bfloat16*>(c);
-  return mt == 64 ? launch<__nv_bfloat16, 64, 2, false>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n, k, lda, group,
-                                                        per_channel, sms, pdl, stream)
-                  : launch<__nv_bfloat16, 128, 2, false>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n, k, lda,
-                                                         group, per_channel, sms, pdl, stream);
+  return mt == 64 ? launch<__nv_bfloat16, 64, 2, false, 8>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n, k,
+                                                                  lda, group, per_channel, sms, pdl, stream)
+                  : launch<__nv_bfloat16, 128, 2, false, 8>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n,
+                                                                   k, lda, group, per_channel, sms, pdl, stream);
 }
 
 }  // namespace sm90

@@ -41,23 +41,25 @@ struct Layout {
   static constexpr int kStage = (kA + kB + kS + 1023) / 1024 * 1024;
 };
 
-// Launch configurations (8 stages: 6 tiles in flight per block; 12 measured no faster).
-//  - fp16: four warpgroups (256 columns per block, so each activation tile feeds twice the weights; two
-//    warpgroups with 2-3 blocks per SM measured 10-80% slower), scales applied to the dequantized weights in
-//    fp16 (one fp32 accumulator set: ~2e-4 relative error, like the mma.sync kernel's 4-row-block variant);
-//    one block of 512 threads per SM.
+// Launch configurations (8 stages, 6 tiles in flight per block; 12 measured no faster), chosen by pick():
+//  - fp16, MT = 16..128: four warpgroups (256 columns per block, so each activation tile feeds twice the
+//    weights; two warpgroups with 2-3 blocks per SM measured 10-80% slower), scales applied to the
+//    dequantized weights in fp16 (one fp32 accumulator set: ~2e-4 relative error, like the mma.sync
+//    kernel's 4-row-block variant); one block of 512 threads per SM.
+//  - fp16, m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two warpgroups and 6
+//    stages (37 KB each), one block per SM: 2-10% faster than MT = 128 at m = 256 and 512 on the H200.
 //  - bf16 (and any dtype with SCALE_A false): two warpgroups with fp32 group sums folded in with fp32
 //    scales (rounding the scaled weights to bf16 would cost ~2e-3); MT = 64: two blocks per SM (~120
-//    registers), MT = 128: one (~190).
-template <int MT, int WG, int STAGES, bool SCALE_A = false>
+//    registers), MT = 128: one (~220).
+template <int MT, int WG, int STAGES>
 struct Config {
   static constexpr int kStages = STAGES;
-  static constexpr int kBlocksPerSm = WG == 4 ? 1 : SCALE_A ? (MT <= 32 ? 3 : 2) : (MT == 64 ? 2 : 1);
+  static constexpr int kBlocksPerSm = WG == 2 && MT == 64 ? 2 : 1;
   static constexpr int kSmem = kStages * Layout<MT, WG>::kStage;
 };
 
 template <typename T,     // half or __nv_bfloat16: element type of A, scales and C
-          int MT,         // rows per block (the wgmma N): 64 or 128
+          int MT,         // rows per block (the wgmma N): 16, 32, 64, 128 or 256
           int WG,         // warpgroups per block, one 64-column strip each: 2 or 4
           bool SCALE_A,   // true: scale the dequantized weights in 16 bits (fp16); false: fp32 group fold
           int STAGES,     // cp.async pipeline depth in 64-row k tiles
@@ -365,12 +367,13 @@ Plan make_plan(int m, int n, int k, int mt, int wg, int sms) {
   return p;
 }
 
-// The configuration a call with m rows of dtype runs: rows per block (the smallest of 16, 32, 64, 128 that
-// covers m; bf16: 64 or 128) and warpgroups per block (fp16 4, bf16 2).
+// The configuration a call with m rows of dtype runs: rows per block and warpgroups per block. fp16: the
+// smallest of 16, 32, 64, 128 rows that covers m with four warpgroups, above 128 rows 256 with two; bf16:
+// 64 or 128 rows with two.
 void pick(int m, int dtype, int& mt, int& wg) {
   const bool fp16 = dtype == MARLIN_FP16;
-  mt = fp16 && m <= 16 ? 16 : fp16 && m <= 32 ? 32 : m <= 64 ? 64 : 128;
-  wg = fp16 ? 4 : 2;
+  mt = fp16 && m <= 16 ? 16 : fp16 && m <= 32 ? 32 : m <= 64 ? 64 : fp16 && m > 128 ? 256 : 128;
+  wg = fp16 && mt <= 128 ? 4 : 2;
 }
 
 size_t plan_scratch_bytes(const Plan& p, int m, int n) {
@@ -380,7 +383,7 @@ size_t plan_scratch_bytes(const Plan& p, int m, int n) {
 template <typename T, int MT, int WG, bool SCALE_A, int STAGES>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, size_t scratch_bytes, int m, int n,
            int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
-  using C = Config<MT, WG, STAGES, SCALE_A>;
+  using C = Config<MT, WG, STAGES>;
   auto kernel = wgmma_kernel<T, MT, WG, SCALE_A, C::kStages, C::kBlocksPerSm>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
@@ -443,6 +446,9 @@ int gemm(const void* a, const int4* qweight, const void* scales, void* c, float*
       case 64:
         return launch_fp16<64>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
                                pdl, stream);
+      case 256:
+        return launch<half, 256, 2, true, 6>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
+                                             per_channel, sms, pdl, stream);
       default:
         return launch_fp16<128>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
                                 pdl, stream);

@@ -194,10 +194,10 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
 
   grid_dependency_wait();  // any input may be the previous kernel's output
 
-#pragma unroll
   // Tiles fetched ahead: tile t's stage is refilled at iteration t + 2, after the barrier that follows every
   // warpgroup's wait for tile t's wgmmas (at t + 1).
   constexpr int kAhead = STAGES - 2;
+#pragma unroll
   for (int s = 0; s < kAhead; ++s) {
     if (kt0 + s < kt1) fetch(s, kt0 + s);
     cp_async_commit();

@@ -794,13 +794,22 @@ size_t marlin_scratch_bytes(int m, int n, int k, int dtype, int sms) {
   return mma > wgmma ? mma : wgmma;
 }
 
+namespace marlin {
+
+// Compute capability of `device`; false if the runtime cannot tell.
+bool capability(int device, int& major, int& minor) {
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess;
+}
+
+// The wgmma kernel runs on compute capability 9.0 only, and only if this build holds its sm_90a code.
+bool wgmma_runs(int major, int minor) { return sm90::compiled() && major == 9 && minor == 0; }
+
+}  // namespace marlin
+
 int marlin_wgmma_available(int device) {
   int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    return 0;
-  }
-  return marlin::sm90::compiled() && major == 9 && minor == 0 ? 1 : 0;
+  return marlin::capability(device, major, minor) && marlin::wgmma_runs(major, minor) ? 1 : 0;
 }
 
 int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void* c, float* scratch,
@@ -826,13 +835,12 @@ int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void*
   if (scratch_bytes < marlin_scratch_bytes(m, n, k, dtype, sms)) return MARLIN_ERR_SCRATCH;
   const int group = per_channel ? k : group_size;
   const int4* q = reinterpret_cast<const int4*>(qweight);
-  int device = 0, cc_major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+  int device = 0, cc_major = 0, cc_minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || !marlin::capability(device, cc_major, cc_minor)) {
     return MARLIN_ERR_LAUNCH;
   }
   const bool pdl = cc_major >= 9;  // programmatic dependent launch
-  const bool wgmma_ok = marlin_wgmma_available(device) != 0;
+  const bool wgmma_ok = marlin::wgmma_runs(cc_major, cc_minor);
   if (kernel == MARLIN_KERNEL_WGMMA && !wgmma_ok) return MARLIN_ERR_ARCH;
   if (kernel == MARLIN_KERNEL_WGMMA || (kernel == MARLIN_KERNEL_AUTO && wgmma_ok && m >= marlin::kWgmmaMinRows)) {
     return marlin::sm90::gemm(a, q, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel ? 1 : 0,

@@ -41,13 +41,13 @@ struct Layout {
   static constexpr int kStage = (kA + kB + kS + 1023) / 1024 * 1024;
 };
 
-// Launch configurations (8 stages, 6 tiles in flight per block; 12 measured no faster), chosen by pick():
+// Launch configurations (8 stages, 6 tiles in flight per block; 12 measured 0.5-2% slower), chosen by pick():
 //  - fp16, MT = 16..128: four warpgroups (256 columns per block, so each activation tile feeds twice the
-//    weights; two warpgroups with 2-3 blocks per SM measured 10-80% slower), scales applied to the
+//    weights; two warpgroups with 2-3 blocks per SM measured 5-31% slower in the per-model sums), scales applied to the
 //    dequantized weights in fp16 (one fp32 accumulator set: ~2e-4 relative error, like the mma.sync
 //    kernel's 4-row-block variant); one block of 512 threads per SM.
 //  - fp16, m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two warpgroups and 6
-//    stages (37 KB each), one block per SM: 2-10% faster than MT = 128 at m = 256 and 512 on the H200.
+//    stages (37 KB each), one block per SM: 2-11% faster than MT = 128 at m = 256 and 512 on the H200.
 //  - bf16 (and any dtype with SCALE_A false): two warpgroups with fp32 group sums folded in with fp32
 //    scales (rounding the scaled weights to bf16 would cost ~2e-3); MT = 64: two blocks per SM (~120
 //    registers), MT = 128: one (~220).
@@ -217,33 +217,6 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
 
     // Every warpgroup runs this, also an inactive one: ptxas serializes wgmmas in divergent code.
     const uint32_t base = sh + stage * L::kStage;
-    uint32_t af[4][4];  // this tile's A fragments, one per k16 step
-    auto dequant_tile = [&]() {
-      // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
-      uint32_t s0p = 0u, s1p = 0u, s0q = 0u, s1q = 0u;
-      if (SCALE_A && !per_channel) {
-        uint16_t h0, h1;
-        load_scales(stage, 0, h0, h1);
-        s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
-        if (group32) {
-          load_scales(stage, 1, h0, h1);
-          s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        uint32_t w[4];
-        Tr::dequant(lds32(base + w_off + 512 * i), w);
-        if (SCALE_A && !per_channel) {
-          const bool second = group32 && i >= 2;
-          const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
-          af[i][0] = Tr::mul(w[0], s0), af[i][1] = Tr::mul(w[2], s1);
-          af[i][2] = Tr::mul(w[1], s0), af[i][3] = Tr::mul(w[3], s1);
-        } else {
-          af[i][0] = w[0], af[i][1] = w[2], af[i][2] = w[1], af[i][3] = w[3];
-        }
-      }
-    };
     // Tile kt - 1's wgmmas must be done before their A registers are rewritten (reading registers an
     // in-flight wgmma reads is undefined) and before a fold. (Keeping one tile's wgmmas in flight with
     // double-buffered A registers measured no faster on the H200.)
@@ -253,7 +226,31 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
       fold(pend_stage, pend_r, grp);
       fresh = true;
     }
-    dequant_tile();
+    uint32_t af[4][4];  // this tile's A fragments, one per k16 step
+    // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
+    uint32_t s0p = 0u, s1p = 0u, s0q = 0u, s1q = 0u;
+    if (SCALE_A && !per_channel) {
+      uint16_t h0, h1;
+      load_scales(stage, 0, h0, h1);
+      s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
+      if (group32) {
+        load_scales(stage, 1, h0, h1);
+        s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint32_t w[4];
+      Tr::dequant(lds32(base + w_off + 512 * i), w);
+      if (SCALE_A && !per_channel) {
+        const bool second = group32 && i >= 2;
+        const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
+        af[i][0] = Tr::mul(w[0], s0), af[i][1] = Tr::mul(w[2], s1);
+        af[i][2] = Tr::mul(w[1], s0), af[i][3] = Tr::mul(w[3], s1);
+      } else {
+        af[i][0] = w[0], af[i][1] = w[2], af[i][2] = w[1], af[i][3] = w[3];
+      }
+    }
     const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
     wgmma_fence();
     if (!SCALE_A && group32) {

@@ -52,8 +52,9 @@ constexpr int smem_bytes() {
 
 // acc += scale * (grp - hi) for this lane's columns, then grp = hi = 0. `ss` points at the warp's 64 scales
 // of one group row in shared memory (Marlin-permuted: grouped within 64 columns, per-channel within 32).
-// hi[b]: Traits<T>::kHiOffset x the group's activation sums over k rows 8..15 of each strip, laid out as an
-// mma C fragment of m16 block b (same value in elements 0, 1 and in 2, 3; zero without kHasHiOffset).
+// hi[b]: the dequantization offsets (Traits<T>::dequant_offset: kLoOffset on k rows 0..7, kHiOffset on rows
+// 8..15 of each strip) x the group's activation sums, laid out as an mma C fragment of m16 block b (same
+// value in elements 0, 1 and in 2, 3; zero without Traits<T>::kHasOffset).
 template <typename T, int M_BLOCKS>
 __device__ __forceinline__ void fold_group(float (&acc)[M_BLOCKS][8][4], float (&grp)[M_BLOCKS][8][4],
                                            float (&hi)[M_BLOCKS][4], const int4* ss, bool per_channel, int lane) {
@@ -156,8 +157,8 @@ __device__ __forceinline__ void finish_segment(const float (&acc)[M_BLOCKS][8][4
 // 3) of rows 2(l%4), 2(l%4)+1. Column positions in the scale layout: scale_pos (marlin_layout.cuh).
 
 // acc += scale * (grp - hi) for this lane's 8 columns (swapped layout), then grp = hi = 0. `ss`: the
-// warp's 64 scales; hi[0], hi[1]: kHiOffset x the group's activation sums over k rows 8..15 of each strip
-// for rows 2(lane%4), 2(lane%4)+1 (zero unless Traits<T>::kHasHiOffset).
+// warp's 64 scales; hi[0], hi[1]: the dequantization offsets x the group's activation sums (see fold_group)
+// for rows 2(lane%4), 2(lane%4)+1.
 template <typename T>
 __device__ __forceinline__ void fold_group_t(float (&acc)[4][4], float (&grp)[4][4], float (&hi)[4], const int4* ss,
                                              bool per_channel, int lane) {
@@ -501,13 +502,13 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             uint32_t w[4];
-            Tr::dequant_hi_offset(words[j], w);
+            Tr::dequant_offset(words[j], w);
             const uint32_t wa[4] = {w[0], w[2], w[1], w[3]};  // as the A operand: rows = columns 16j..16j+15
             Tr::mma(grp_t[j], wa, at[2 * q], at[2 * q + 1]);
           }
-          if constexpr (Tr::kHasHiOffset) {
-            // The offset's share: an A operand of 0 (k rows 0..7) and kHiOffset (k rows 8..15).
-            const uint32_t off_a[4] = {0u, 0u, Tr::kHiOffsetPair, Tr::kHiOffsetPair};
+          if constexpr (Tr::kHasOffset) {
+            // The offsets' share: an A operand of kLoOffset (k rows 0..7) and kHiOffset (k rows 8..15).
+            const uint32_t off_a[4] = {Tr::kLoOffsetPair, Tr::kLoOffsetPair, Tr::kHiOffsetPair, Tr::kHiOffsetPair};
             Tr::mma(hi_t, off_a, at[2 * q], at[2 * q + 1]);
           }
           if (i == 1 && group32) fold_group_t<T>(acc_t, grp_t, hi_t, ss, false, lane);
@@ -550,7 +551,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
           if constexpr (SCALE_B) {
             Tr::dequant(words[j], bf);
           } else {
-            Tr::dequant_hi_offset(words[j], bf);  // b1 fragments (k rows 8..15) carry + kHiOffset
+            Tr::dequant_offset(words[j], bf);  // b0 (k rows 0..7) carry + kLoOffset, b1 + kHiOffset
           }
           if constexpr (SCALE_B) {
             if (!per_channel) {
@@ -574,10 +575,10 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
             }
           }
         }
-        if constexpr (!SCALE_B && Tr::kHasHiOffset) {
-          // The offset's share: a B operand of 0 (k rows 0..7) and kHiOffset (k rows 8..15).
+        if constexpr (!SCALE_B && Tr::kHasOffset) {
+          // The offsets' share: a B operand of kLoOffset (k rows 0..7) and kHiOffset (k rows 8..15).
 #pragma unroll
-          for (int b = 0; b < M_BLOCKS; ++b) Tr::mma(hi[b], af[b], 0u, Tr::kHiOffsetPair);
+          for (int b = 0; b < M_BLOCKS; ++b) Tr::mma(hi[b], af[b], Tr::kLoOffsetPair, Tr::kHiOffsetPair);
         }
         if (!SCALE_B && i == 1 && group32) fold_group<T, M_BLOCKS>(acc, grp, hi, ss, false, lane);
       }

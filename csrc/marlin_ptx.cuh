@@ -122,22 +122,25 @@ struct Traits<half> {
     asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(out[3]) : "r"(hi1), "r"(kMulHi), "r"(kAddHi));
   }
 
-  // As dequant, but out[1] and out[3] (the codes at bits 4..7 of each half: k rows 8..15 of the 16x16
-  // tile) come out as 64 + q = (q - 8) + kHiOffset, exact, with no arithmetic: OR-ed into the mantissa of
-  // 64.0, whose unit in the last place is 1/16. The caller subtracts kHiOffset x (sum of the matching
-  // activations) once per scale group. Four LOP3, one shift and two subtractions per 8 codes.
-  static constexpr bool kHasHiOffset = true;
+  // As dequant, but every value carries a fixed offset instead of being exact q - 8, with no arithmetic
+  // at all: out[0], out[2] (codes at bits 0..3: k rows 0..7 of the 16x16 tile) are 1024 + q = (q - 8) +
+  // kLoOffset, OR-ed into the mantissa of 1024.0 (unit in the last place 1); out[1], out[3] (codes at bits
+  // 4..7: k rows 8..15) are 64 + q = (q - 8) + kHiOffset, OR-ed into the mantissa of 64.0 (unit 1/16). Both
+  // exact. The caller subtracts the offsets times the matching activation sums once per scale group (one
+  // extra mma per k16 strip with the offset pairs as its operand). Four LOP3 and one shift per 8 codes
+  // (dequant: seven). The offsets make the fp32 group sums up to ~130x larger than what they cancel to: in a
+  // float32 simulation of g128 sums over k = 4096, ~2e-5 relative error, a tenth of the fp16 rounding of
+  // the output (2-4e-4), also with activations of mean 3 or 10 or x50 outliers.
+  static constexpr bool kHasOffset = true;
+  static constexpr uint32_t kLoOffsetPair = 0x64086408u;  // 1032.0, 1032.0
   static constexpr uint32_t kHiOffsetPair = 0x54805480u;  // 72.0, 72.0
-  static constexpr float kHiOffset = 72.f;
-  __device__ __forceinline__ static void dequant_hi_offset(uint32_t q, uint32_t (&out)[4]) {
+  __device__ __forceinline__ static void dequant_offset(uint32_t q, uint32_t (&out)[4]) {
     constexpr uint32_t kLo = 0x000F000Fu, kHi = 0x00F000F0u, kExpLo = 0x64006400u, kExpHi = 0x54005400u;
-    constexpr uint32_t kSubLo = 0x64086408u;  // 1032 = 1024 + 8
     const uint32_t shifted = q >> 8;
-    const uint32_t lo0 = and_or(q, kLo, kExpLo), lo1 = and_or(shifted, kLo, kExpLo);
+    out[0] = and_or(q, kLo, kExpLo);
     out[1] = and_or(q, kHi, kExpHi);
+    out[2] = and_or(shifted, kLo, kExpLo);
     out[3] = and_or(shifted, kHi, kExpHi);
-    asm("sub.f16x2 %0, %1, %2;\n" : "=r"(out[0]) : "r"(lo0), "r"(kSubLo));
-    asm("sub.f16x2 %0, %1, %2;\n" : "=r"(out[2]) : "r"(lo1), "r"(kSubLo));
   }
 
   // Element-wise product of two fp16 pairs (rounded to fp16).
@@ -184,11 +187,12 @@ struct Traits<__nv_bfloat16> {
     return d;
   }
 
-  // bf16 has no mantissa room for the nibble at bits 4..7: no offset variant (see Traits<half>).
-  static constexpr bool kHasHiOffset = false;
+  // bf16 has no mantissa room for the nibble at bits 4..7 and no offset variant: dequant_offset is the exact
+  // dequant (its four FMAs measured cheaper than an offset-correcting mma), and the offsets are zero.
+  static constexpr bool kHasOffset = false;
+  static constexpr uint32_t kLoOffsetPair = 0u;
   static constexpr uint32_t kHiOffsetPair = 0u;
-  static constexpr float kHiOffset = 0.f;
-  __device__ __forceinline__ static void dequant_hi_offset(uint32_t q, uint32_t (&out)[4]) { dequant(q, out); }
+  __device__ __forceinline__ static void dequant_offset(uint32_t q, uint32_t (&out)[4]) { dequant(q, out); }
 
   __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }

@@ -8,15 +8,16 @@
 // activations (MT rows x 64 k per stage, 128-byte swizzled) are the B operand, read by the tensor cores from
 // shared memory, so one wgmma covers 64 columns x MT rows x 16 k.
 //
-// A block has WG warpgroups (WG x 64 columns) and MT rows (16, 32, 64 or 128); it covers one (row tile,
-// column block, k part) unit. Weights, activations and scales flow through a STAGES-deep cp.async pipeline,
+// A unit of work is MT rows (16, 32, 64, 128 or 256) x WG warpgroups' 64-column strips x all of k. A block
+// runs one part of a unit (split plan) or a run of consecutive k tiles across units (stream-k plan; see
+// make_plan). Weights, activations and scales flow through a STAGES-deep cp.async pipeline,
 // fetched STAGES - 2 tiles ahead so that a stage is refilled only after the wgmmas that read it have
 // completed: each warpgroup waits for its previous tile's wgmmas before it rewrites their A registers and
 // issues the next tile's. fp16 applies the group scales to the dequantized weights (16-bit products, one
 // fp32 accumulator set); bf16 keeps fp32 group sums apart from the running sum and folds them in with their
-// fp32 scale at the end of each group, as the mma.sync kernels do. When the grid would leave multiprocessors
-// idle, k is split into equal parts; the parts' fp32 sums go to scratch and a second kernel adds them in part
-// order (deterministic, no state kept between launches, graph-safe).
+// fp32 scale at the end of each group, as the mma.sync kernels do. The fp32 sums of units that several blocks
+// share go to scratch, and a second kernel adds them in block order (deterministic, no state kept between
+// launches, graph-safe).
 #include "marlin_kernel.h"
 #include "marlin_launch.cuh"
 #include "marlin_layout.cuh"
@@ -28,8 +29,7 @@ namespace marlin {
 namespace sm90 {
 
 constexpr int kTileK = 64;         // k rows per pipeline stage (four k16 steps)
-constexpr int kMinPartTiles = 4;   // k tiles per split part at least
-constexpr int kPartCostTiles = 3;  // fixed cost of a block (pipeline fill, epilogue), in tiles of work
+constexpr int kMinPartTiles = 4;   // k tiles of work per block at least
 
 // Bytes of one pipeline stage for MT rows and WG warpgroups (64-column strips). The activations come
 // first: stage strides are multiples of 1024 bytes, as the 128-byte swizzle atoms of the wgmma B operand need.
@@ -49,8 +49,8 @@ struct Layout {
 //  - fp16, m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two warpgroups and 6
 //    stages (37 KB each), one block per SM: 2-11% faster than MT = 128 at m = 256 and 512 on the H200.
 //  - bf16 (and any dtype with SCALE_A false): two warpgroups with fp32 group sums folded in with fp32
-//    scales (rounding the scaled weights to bf16 would cost ~2e-3); MT = 64: two blocks per SM (~120
-//    registers), MT = 128: one (~220).
+//    scales (rounding the scaled weights to bf16 would cost ~2e-3); MT = 64: two blocks per SM (128
+//    registers), MT = 128: one (~215).
 template <int MT, int WG, int STAGES>
 struct Config {
   static constexpr int kStages = STAGES;
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
                  const int4* __restrict__ qweight,  // [k/16, n/2] packed codes as 16-byte vectors
                  const T* __restrict__ scales,      // [k/group, n] or [1, n], Marlin-permuted columns
                  T* __restrict__ c,                 // [m, n] output
-                 float* __restrict__ scratch,       // [splits, m, n] fp32 partial sums (splits > 1)
+                 float* __restrict__ scratch,       // [grid, 2, MT, 64 * WG] fp32 partial sums
                  int m,                             // rows of A and C
                  int n,                             // columns of C, multiple of 64
                  int k,                             // depth, multiple of 64
@@ -77,7 +77,8 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
                  int group,                         // rows per scale group: 32, 64, 128, or k per channel
                  int per_channel,                   // 1: scales use the per-channel permutation
                  int m_tiles,                       // row tiles: ceil(m / MT)
-                 int splits) {                      // k parts per (row tile, column block)
+                 int splits,                        // split plan: k parts per unit; 0: stream-k plan
+                 int tiles_per_block) {             // stream-k plan: k tiles of work per block
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = Traits<T>;
   using L = Layout<MT, WG>;
@@ -93,50 +94,71 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
   const int k_tiles = k / kTileK;
   const int n_strips = n / 64;
   const int n_words = n / 2;  // 16-byte vectors per k16 row of qweight
-  // Unit of this block: row tile fastest, so that the blocks reading the same weights run together.
-  const int mt = blockIdx.x % m_tiles;
-  const int rest = blockIdx.x / m_tiles;
-  const int part = rest % splits, nb = rest / splits;
-  const int kt0 = part * k_tiles / splits, kt1 = (part + 1) * k_tiles / splits;
-  const int m0 = mt * MT;
-  const int strip = nb * WG + wg;
-  const bool active = strip < n_strips;  // uniform over the warpgroup
+  // Work: unit u = (row tile u % m_tiles, column block u / m_tiles), row tile fastest so that the blocks
+  // reading the same weights run together; work item w = u * k_tiles + k tile. This block runs w0..w1-1:
+  // part blockIdx % splits of unit blockIdx / splits (split plan), or a run of tiles_per_block (stream-k).
+  int w0, w1;
+  if (splits > 0) {
+    const int u = blockIdx.x / splits, part = blockIdx.x - u * splits;
+    w0 = u * k_tiles + part * k_tiles / splits;
+    w1 = u * k_tiles + (part + 1) * k_tiles / splits;
+  } else {
+    w0 = blockIdx.x * tiles_per_block;
+    w1 = min(w0 + tiles_per_block, m_tiles * ((n + kTileN - 1) / kTileN) * k_tiles);
+  }
+  const int first_unit = w0 / k_tiles;
   const bool group32 = !per_channel && group == 32;
   const int tiles_per_group = per_channel ? k_tiles : (group32 ? 1 : group / kTileK);
   auto scale_row = [&](int kt, int r) { return per_channel ? 0 : (kt * kTileK + 32 * r) / group; };
 
   // Copies per stage: activation chunks (MT rows x 8 chunks of 16 bytes), one weight vector per thread
-  // (warpgroup wg copies its own strip: k16 step `warp`, lane `lane`), and the scale rows.
+  // (warpgroup wg copies its own strip: k16 step `warp`, lane `lane`), and the scale rows. The fetch cursor
+  // (f_u, f_kt) holds the unit's source addresses, recomputed when it moves to the next unit.
   constexpr int kActPerThread = (MT * 8 + kThreads - 1) / kThreads;
   static_assert(MT * 8 % kThreads == 0 || kActPerThread == 1, "activation copies must tile the threads");
   constexpr int kScaleVecs = kTileN / 8;  // 16-byte scale vectors per group row
   const uint32_t sh = smem_addr(smem);
   const T* a_src[kActPerThread];
-  uint32_t a_dst[kActPerThread];
-  bool a_ok[kActPerThread], a_cp[kActPerThread];
-#pragma unroll
-  for (int r = 0; r < kActPerThread; ++r) {
+  bool a_ok[kActPerThread];
+  // Activation chunk v = tid + r * kThreads (row v / 8, 16-byte chunk v % 8), copied if v < MT * 8.
+  auto a_dst = [&](int r) {
     const int v = tid + r * kThreads, row = v >> 3, chunk = v & 7;
-    a_cp[r] = v < MT * 8;  // this thread copies chunk v
-    a_ok[r] = a_cp[r] && m0 + row < m;
-    a_src[r] = a + static_cast<size_t>(a_ok[r] ? m0 + row : 0) * lda + chunk * 8;
-    a_dst[r] = row * 128 + ((chunk ^ (row & 7)) << 4);
-  }
-  const int4* b_src = qweight + static_cast<size_t>(warp) * n_words + strip * 32 + lane;
+    return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
+  };
+  auto a_cp = [&](int r) { return tid + r * kThreads < MT * 8; };
+  const int4* b_src = qweight;
+  bool b_ok = false, s_ok = false;
+  const T* s_src = scales;
   const uint32_t b_dst = L::kA + tid * 16;
   const int s_r = tid / kScaleVecs, s_chunk = tid % kScaleVecs;
-  const bool s_ok = tid < (group32 ? 2 : 1) * kScaleVecs && nb * kTileN + s_chunk * 8 < n;
-  const T* s_src = scales + nb * kTileN + s_chunk * 8;
+  const bool s_cp = tid < (group32 ? 2 : 1) * kScaleVecs;
   const uint32_t s_dst = L::kA + L::kB + s_r * (kTileN * 2) + s_chunk * 16;
-  auto fetch = [&](int stage, int kt) {
-    const uint32_t base = sh + stage * L::kStage;
+  int f_u = first_unit, f_kt = w0 - first_unit * k_tiles;
+  auto seek = [&](int u) {
+    const int m0 = (u % m_tiles) * MT, nb = u / m_tiles;
 #pragma unroll
     for (int r = 0; r < kActPerThread; ++r) {
-      if (a_cp[r]) cp_async16_zfill(base + a_dst[r], a_src[r] + kt * kTileK, a_ok[r]);
+      const int v = tid + r * kThreads, row = v >> 3, chunk = v & 7;
+      a_ok[r] = a_cp(r) && m0 + row < m;
+      a_src[r] = a + static_cast<size_t>(a_ok[r] ? m0 + row : 0) * lda + chunk * 8;
+    }
+    const int strip = nb * WG + wg;
+    b_ok = strip < n_strips;
+    b_src = qweight + static_cast<size_t>(warp) * n_words + strip * 32 + lane;
+    s_ok = s_cp && nb * kTileN + s_chunk * 8 < n;
+    s_src = scales + nb * kTileN + s_chunk * 8;
+  };
+  auto fetch = [&](int stage) {
+    const uint32_t base = sh + stage * L::kStage;
+    const int kt = f_kt;
+#pragma unroll
+    for (int r = 0; r < kActPerThread; ++r) {
+      if (a_cp(r)) cp_async16_zfill(base + a_dst(r), a_src[r] + kt * kTileK, a_ok[r]);
     }
     // Beyond the last strip: zeros (the warpgroup computes on them, uniformly, and stores nothing).
-    cp_async16_zfill(base + b_dst, active ? b_src + static_cast<size_t>(kt) * 4 * n_words : qweight, active);
+    cp_async16_zfill(base + b_dst, b_ok ? b_src + static_cast<size_t>(kt) * 4 * n_words : qweight, b_ok);
     if (s_ok) cp_async16(base + s_dst, s_src + static_cast<size_t>(scale_row(kt, s_r)) * n);
+    if (++f_kt == k_tiles) f_kt = 0, seek(++f_u);
   };
 
   // This thread's A-fragment word of k16 step i: strip wg, step i, lane, word `warp` (+ 512 i bytes).
@@ -191,176 +213,230 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
       }
     }
   };
+  // End of this block's segment of unit u (k tiles seg_kt0..last_kt): the sum goes to C if the segment is
+  // the whole unit, else to this block's scratch slot (0: its first unit, 1: its last).
+  auto store = [&](int u, bool whole) {
+    const int strip = (u / m_tiles) * WG + wg;
+    if (strip >= n_strips) return;  // uniform over the warpgroup
+    // Element 4q + 2h + e of acc: column strip*64 + col0 + 8h, row m0 + 8q + 2(lane%4) + e.
+    const int m0 = (u % m_tiles) * MT;
+    const int row0 = 2 * (lane & 3);
+    float* slot = scratch + (static_cast<size_t>(blockIdx.x) * 2 + (u == first_unit ? 0 : 1)) * (MT * kTileN);
+#pragma unroll
+    for (int q = 0; q < kAcc / 4; ++q)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = row0 + 8 * q + e;
+        if (m0 + r < m) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float v = acc[4 * q + 2 * h + e];
+            if (whole) {
+              c[static_cast<size_t>(m0 + r) * n + strip * 64 + col0 + 8 * h] = Tr::from_float(v);
+            } else {
+              slot[r * kTileN + wg * 64 + col0 + 8 * h] = v;
+            }
+          }
+        }
+      }
+  };
 
   grid_dependency_wait();  // any input may be the previous kernel's output
 
   // Tiles fetched ahead: tile t's stage is refilled at iteration t + 2, after the barrier that follows every
   // warpgroup's wait for tile t's wgmmas (at t + 1).
   constexpr int kAhead = STAGES - 2;
+  seek(f_u);
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (kt0 + s < kt1) fetch(s, kt0 + s);
+    if (w0 + s < w1) fetch(s);
     cp_async_commit();
   }
 
   int stage = 0, f_stage = kAhead;
-  bool pending = false;            // !SCALE_A: grp holds a finished group not yet folded
-  int pend_stage = 0, pend_r = 0;  // where that group's scales are
-  bool fresh = true;               // the next wgmma starts a new sum (scale-d = 0)
-  for (int kt = kt0; kt < kt1; ++kt) {
-    cp_async_wait<kAhead - 1>();
-    fence_proxy_async_shared();
-    __syncthreads();  // tile kt visible to all; every warpgroup is done with tile kt - 2's stage
-    if (kt + kAhead < kt1) fetch(f_stage, kt + kAhead);
-    cp_async_commit();
-    if (++f_stage == STAGES) f_stage = 0;
+  int u = first_unit, kt = w0 - first_unit * k_tiles;  // the unit and k tile being computed
+  int pend_stage = 0, pend_r = 0;  // !SCALE_A: where the scales of the group in grp are
+  // One segment (this block's k tiles of unit u) per pass of the outer loop; the fetch cursor runs on
+  // across segments, so the pipeline never drains between them.
+  for (int w = w0; w < w1; ++u) {
+    const int seg_kt0 = kt;
+    const int seg_w1 = min(w1, (u + 1) * k_tiles);
+    bool pending = false;  // !SCALE_A: grp holds a finished group not yet folded
+    bool fresh = true;     // the next wgmma starts a new sum (scale-d = 0)
+    for (; w < seg_w1; ++w, ++kt) {
+      cp_async_wait<kAhead - 1>();
+      fence_proxy_async_shared();
+      __syncthreads();  // tile w visible to all; every warpgroup is done with tile w - 2's stage
+      if (w + kAhead < w1) fetch(f_stage);
+      cp_async_commit();
+      if (++f_stage == STAGES) f_stage = 0;
 
-    // Every warpgroup runs this, also an inactive one: ptxas serializes wgmmas in divergent code.
-    const uint32_t base = sh + stage * L::kStage;
-    // Tile kt - 1's wgmmas must be done before their A registers are rewritten (reading registers an
-    // in-flight wgmma reads is undefined) and before a fold. (Keeping one tile's wgmmas in flight with
-    // double-buffered A registers measured no faster on the H200.)
-    wgmma_wait<0>();
-    fence_d();
-    if (!SCALE_A && pending) {
-      fold(pend_stage, pend_r, grp);
-      fresh = true;
-    }
-    uint32_t af[4][4];  // this tile's A fragments, one per k16 step
-    // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
-    uint32_t s0p = 0u, s1p = 0u, s0q = 0u, s1q = 0u;
-    if (SCALE_A && !per_channel) {
-      uint16_t h0, h1;
-      load_scales(stage, 0, h0, h1);
-      s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
-      if (group32) {
-        load_scales(stage, 1, h0, h1);
-        s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      uint32_t w[4];
-      Tr::dequant(lds32(base + w_off + 512 * i), w);
-      if (SCALE_A && !per_channel) {
-        const bool second = group32 && i >= 2;
-        const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
-        af[i][0] = Tr::mul(w[0], s0), af[i][1] = Tr::mul(w[2], s1);
-        af[i][2] = Tr::mul(w[1], s0), af[i][3] = Tr::mul(w[3], s1);
-      } else {
-        af[i][0] = w[0], af[i][1] = w[2], af[i][2] = w[1], af[i][3] = w[3];
-      }
-    }
-    const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
-    wgmma_fence();
-    if (!SCALE_A && group32) {
-      mma(af[0], desc, 0);
-      mma(af[1], desc + 2, 1);
-      wgmma_commit();
+      // Every warpgroup runs this, also an inactive one: ptxas serializes wgmmas in divergent code.
+      const uint32_t base = sh + stage * L::kStage;
+      // Tile w - 1's wgmmas must be done before their A registers are rewritten (reading registers an
+      // in-flight wgmma reads is undefined) and before a fold. (Keeping one tile's wgmmas in flight with
+      // double-buffered A registers measured no faster on the H200.)
       wgmma_wait<0>();
       fence_d();
-      fold(stage, 0, grp);
-      wgmma_fence();
-      mma(af[2], desc + 4, 0);
-      mma(af[3], desc + 6, 1);
-      wgmma_commit();
-      pending = true;
-      pend_r = 1;
-    } else {
-      mma(af[0], desc, fresh ? 0 : 1);
-      mma(af[1], desc + 2, 1);
-      mma(af[2], desc + 4, 1);
-      mma(af[3], desc + 6, 1);
-      wgmma_commit();
-      pending = (kt + 1) % tiles_per_group == 0;
-      pend_r = 0;
-    }
-    fence_d();
-    pend_stage = stage;
-    fresh = false;
-    if (++stage == STAGES) stage = 0;
-  }
-  cp_async_wait<0>();
-  launch_dependents();
-  wgmma_wait<0>();
-  fence_d();
-  if constexpr (SCALE_A) {
-    if (per_channel) fold(pend_stage, 0, acc);  // acc = scale * acc (pend_stage: any stage holds row 0)
-  } else {
-    fold(pend_stage, pend_r, grp);  // the last group (complete or cut by the part's end)
-  }
-  if (!active) return;
-
-  // Element 4q + 2h + e of acc: column strip*64 + col0 + 8h, row m0 + 8q + 2(lane%4) + e.
-  const int col = strip * 64 + col0;
-  const int row0 = m0 + 2 * (lane & 3);
-  float* part_sums = scratch + static_cast<size_t>(part) * m * n;
-#pragma unroll
-  for (int q = 0; q < kAcc / 4; ++q)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int row = row0 + 8 * q + e;
-      if (row < m) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float v = acc[4 * q + 2 * h + e];
-          const size_t at = static_cast<size_t>(row) * n + col + 8 * h;
-          if (splits == 1) {
-            c[at] = Tr::from_float(v);
-          } else {
-            part_sums[at] = v;
-          }
+      if (!SCALE_A && pending) {
+        fold(pend_stage, pend_r, grp);
+        fresh = true;
+      }
+      uint32_t af[4][4];  // this tile's A fragments, one per k16 step
+      // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
+      uint32_t s0p = 0u, s1p = 0u, s0q = 0u, s1q = 0u;
+      if (SCALE_A && !per_channel) {
+        uint16_t h0, h1;
+        load_scales(stage, 0, h0, h1);
+        s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
+        if (group32) {
+          load_scales(stage, 1, h0, h1);
+          s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
         }
       }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        uint32_t wq[4];
+        Tr::dequant(lds32(base + w_off + 512 * i), wq);
+        if (SCALE_A && !per_channel) {
+          const bool second = group32 && i >= 2;
+          const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
+          af[i][0] = Tr::mul(wq[0], s0), af[i][1] = Tr::mul(wq[2], s1);
+          af[i][2] = Tr::mul(wq[1], s0), af[i][3] = Tr::mul(wq[3], s1);
+        } else {
+          af[i][0] = wq[0], af[i][1] = wq[2], af[i][2] = wq[1], af[i][3] = wq[3];
+        }
+      }
+      const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
+      wgmma_fence();
+      if (!SCALE_A && group32) {
+        mma(af[0], desc, 0);
+        mma(af[1], desc + 2, 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_d();
+        fold(stage, 0, grp);
+        wgmma_fence();
+        mma(af[2], desc + 4, 0);
+        mma(af[3], desc + 6, 1);
+        wgmma_commit();
+        pending = true;
+        pend_r = 1;
+      } else {
+        mma(af[0], desc, fresh ? 0 : 1);
+        mma(af[1], desc + 2, 1);
+        mma(af[2], desc + 4, 1);
+        mma(af[3], desc + 6, 1);
+        wgmma_commit();
+        pending = (kt + 1) % tiles_per_group == 0;
+        pend_r = 0;
+      }
+      fence_d();
+      pend_stage = stage;
+      fresh = false;
+      if (++stage == STAGES) stage = 0;
     }
+    // The segment's end: its sum goes to C (the whole unit) or to this block's scratch slot.
+    if (w == w1) {
+      cp_async_wait<0>();
+      launch_dependents();
+    }
+    wgmma_wait<0>();
+    fence_d();
+    if constexpr (SCALE_A) {
+      if (per_channel) fold(pend_stage, 0, acc);  // acc = scale * acc (any stage holds row 0)
+    } else {
+      fold(pend_stage, pend_r, grp);  // the last group (complete or cut by the segment's end)
+    }
+    store(u, seg_kt0 == 0 && kt == k_tiles);
+    if constexpr (!SCALE_A) {  // (SCALE_A: the next segment's first wgmma overwrites acc)
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+    }
+    kt = 0;
+  }
 #else
   __trap();  // launched only when compiled() (sm_90a code present)
 #endif
 }
 
-// c[i] = sum over the k parts p (in order) of scratch[p][i], four elements per thread.
+// C over the units that more than one block worked on: the sum of their blocks' segments in block order
+// (deterministic: the order depends only on the plan). Four columns per thread, rows blockIdx.y + i gridDim.y.
 template <typename T>
-__global__ void sum_parts_kernel(const float* __restrict__ scratch,  // [parts, m * n] partial sums
-                                 T* __restrict__ c,                  // [m * n] output
-                                 long long count,                    // m * n, multiple of 4
-                                 int parts) {
+__global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid, 2, mt, tile_n] segment sums
+                                    T* __restrict__ c,                  // [m, n] output
+                                    int m,                              // rows
+                                    int n,                              // columns, multiple of 64
+                                    int mt,                             // rows per unit (the kernel's MT)
+                                    int tile_n,                         // columns per unit (64 x WG)
+                                    int m_tiles,                        // row tiles: ceil(m / mt)
+                                    int k_tiles,                        // k / 64
+                                    int splits,                         // the gemm launch's split plan, or 0
+                                    int tiles_per_block) {              // its stream-k run
   using T2 = typename Traits<T>::T2;
-  grid_dependency_wait();  // the gemm kernel's partial sums
+  grid_dependency_wait();  // the gemm kernel's segment sums
   launch_dependents();
-  const long long i = 4 * (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x);
-  if (i >= count) return;
-  float4 s = __ldcg(reinterpret_cast<const float4*>(scratch + i));
-  for (int p = 1; p < parts; ++p) {
-    const float4 v = __ldcg(reinterpret_cast<const float4*>(scratch + p * count + i));
-    s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+  const int col = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+  if (col >= n) return;
+  const int nb = col / tile_n;
+  const size_t slot_size = static_cast<size_t>(mt) * tile_n;
+  for (int row = blockIdx.y; row < m; row += gridDim.y) {
+    const int u = nb * m_tiles + row / mt, w_first = u * k_tiles;  // the unit and its first work item
+    const int b0 = splits > 0 ? u * splits : w_first / tiles_per_block;
+    const int b1 = splits > 0 ? b0 + splits - 1 : (w_first + k_tiles - 1) / tiles_per_block;
+    if (b0 == b1) continue;  // one block ran the whole unit and wrote C
+    // Block b holds the unit in slot 0 if the unit is its first (b starts inside it), else in slot 1
+    // (split plan: always its first).
+    const float* src = scratch + (row % mt) * tile_n + (col - nb * tile_n);
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int b = b0; b <= b1; ++b) {
+      const int slot = splits > 0 || b * tiles_per_block >= w_first ? 0 : 1;
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(src + (static_cast<size_t>(b) * 2 + slot) * slot_size));
+      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+    }
+    T* out = c + static_cast<size_t>(row) * n + col;
+    reinterpret_cast<T2*>(out)[0] = Traits<T>::pack2(s.x, s.y);
+    reinterpret_cast<T2*>(out)[1] = Traits<T>::pack2(s.z, s.w);
   }
-  reinterpret_cast<T2*>(c + i)[0] = Traits<T>::pack2(s.x, s.y);
-  reinterpret_cast<T2*>(c + i)[1] = Traits<T>::pack2(s.z, s.w);
 }
 
-// Grid shape of one call: row tiles x column blocks x k parts.
+// Plan of one call. Units (row tile x column block) are cut along k in one of two ways:
+//  - split plan: every unit into `splits` equal parts, one block each, when that fills one wave of block
+//    slots to >= 85% (then every block has one segment and the same work);
+//  - stream-k plan otherwise: every block runs tiles_per_block consecutive work items (k tiles of units),
+//    the same work for every SM whatever the shape, at the cost of up to two segments per block.
+// Measured on the H200 (fp16, m = 48..256, Llama-2 layers): stream-k is up to 18% faster where the split
+// plans need several waves or leave SMs idle (e.g. 4096x12288, 8192x57344), up to 10% slower where one
+// wave of equal parts fits (e.g. 28672x8192, 11008x4096). Cut units are finished by sum_segments_kernel.
 struct Plan {
-  int m_tiles, n_blocks, splits;
+  int m_tiles, grid, splits, tiles_per_block;
+  bool cut;  // some unit is cut between blocks
 };
 
-// k parts per (row tile, column block): the count that minimizes the modelled time, (blocks per SM,
-// rounded up) x (tiles per part + the fixed cost of a block), with parts of at least kMinPartTiles tiles
-// and at most 8 blocks per SM (which also bounds the scratch).
+int blocks_per_sm(int mt, int wg) { return wg == 2 && mt == 64 ? 2 : 1; }
+
 Plan make_plan(int m, int n, int k, int mt, int wg, int sms) {
   Plan p;
   p.m_tiles = (m + mt - 1) / mt;
-  p.n_blocks = (n + 64 * wg - 1) / (64 * wg);
-  const long long units = static_cast<long long>(p.m_tiles) * p.n_blocks;
+  const int units = p.m_tiles * ((n + 64 * wg - 1) / (64 * wg));
   const int k_tiles = k / kTileK;
-  const int most = k_tiles / kMinPartTiles;
-  p.splits = 1;
-  double best = 0.0;
-  for (int s = 1; s <= (most > 1 ? most : 1); ++s) {
-    if (s > 1 && units * s > 8LL * sms) break;
-    const double waves = static_cast<double>((units * s + sms - 1) / sms);
-    const double cost = waves * (static_cast<double>(k_tiles) / s + kPartCostTiles);
-    if (s == 1 || cost < best) best = cost, p.splits = s;
+  const int slots = sms * blocks_per_sm(mt, wg);
+  int s1 = units <= slots ? slots / units : 0;  // parts per unit that fit one wave
+  if (s1 > k_tiles / kMinPartTiles) s1 = k_tiles / kMinPartTiles;
+  if (s1 >= 1 && units * s1 * 100 >= slots * 85) {
+    p.splits = s1;
+    p.tiles_per_block = 0;
+    p.grid = units * s1;
+    p.cut = s1 > 1;
+    return p;
   }
+  const long long total = static_cast<long long>(units) * k_tiles;
+  long long run = (total + slots - 1) / slots;
+  if (run < kMinPartTiles) run = total < kMinPartTiles ? total : kMinPartTiles;
+  p.splits = 0;
+  p.tiles_per_block = static_cast<int>(run);
+  p.grid = static_cast<int>((total + run - 1) / run);
+  p.cut = run % k_tiles != 0;
   return p;
 }
 
@@ -373,30 +449,30 @@ void pick(int m, int dtype, int& mt, int& wg) {
   wg = fp16 && mt <= 128 ? 4 : 2;
 }
 
-size_t plan_scratch_bytes(const Plan& p, int m, int n) {
-  return p.splits > 1 ? static_cast<size_t>(p.splits) * m * n * sizeof(float) : 0;
+size_t plan_scratch_bytes(const Plan& p, int mt, int wg) {
+  return p.cut ? static_cast<size_t>(p.grid) * 2 * mt * 64 * wg * sizeof(float) : 0;
 }
 
 template <typename T, int MT, int WG, bool SCALE_A, int STAGES>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, size_t scratch_bytes, int m, int n,
            int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
   using C = Config<MT, WG, STAGES>;
+  static_assert(C::kBlocksPerSm == (WG == 2 && MT == 64 ? 2 : 1), "blocks_per_sm() must match Config");
   auto kernel = wgmma_kernel<T, MT, WG, SCALE_A, C::kStages, C::kBlocksPerSm>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
   const Plan p = make_plan(m, n, k, MT, WG, sms);
-  if (plan_scratch_bytes(p, m, n) > scratch_bytes) return MARLIN_ERR_SCRATCH;
-  if (launch_kernel(kernel, p.m_tiles * p.n_blocks * p.splits, 128 * WG, C::kSmem, stream, pdl, a, qweight, scales, c,
-                    scratch, m, n, k, lda, group, per_channel, p.m_tiles, p.splits) != cudaSuccess) {
+  if (plan_scratch_bytes(p, MT, WG) > scratch_bytes) return MARLIN_ERR_SCRATCH;
+  if (launch_kernel(kernel, p.grid, 128 * WG, C::kSmem, stream, pdl, a, qweight, scales, c, scratch, m, n, k, lda,
+                    group, per_channel, p.m_tiles, p.splits, p.tiles_per_block) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  if (p.splits > 1) {
-    const long long count = static_cast<long long>(m) * n;
-    const int threads = 256;
-    const long long blocks = (count / 4 + threads - 1) / threads;
-    if (launch_kernel(sum_parts_kernel<T>, static_cast<int>(blocks), threads, 0, stream, pdl,
-                      static_cast<const float*>(scratch), c, count, p.splits) != cudaSuccess) {
+  if (p.cut) {
+    const int threads = 128;
+    const dim3 grid((n / 4 + threads - 1) / threads, m < 65535 ? m : 65535);
+    if (launch_kernel(sum_segments_kernel<T>, grid, threads, 0, stream, pdl, static_cast<const float*>(scratch), c, m,
+                      n, MT, 64 * WG, p.m_tiles, k / kTileK, p.splits, p.tiles_per_block) != cudaSuccess) {
       return MARLIN_ERR_LAUNCH;
     }
   }
@@ -414,7 +490,7 @@ bool compiled() {
 size_t scratch_bytes(int m, int n, int k, int dtype, int sms) {
   int mt = 0, wg = 0;
   pick(m, dtype, mt, wg);
-  return plan_scratch_bytes(make_plan(m, n, k, mt, wg, sms), m, n);
+  return plan_scratch_bytes(make_plan(m, n, k, mt, wg, sms), mt, wg);
 }
 
 template <int MT>

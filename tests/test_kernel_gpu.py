@@ -125,6 +125,13 @@ def test_shifted_activations(m: int, g: int, dtype: torch.dtype, path: int) -> N
     assert err < limit, f"m={m} g={g} {dtype}: relative error {err:.2e} with shifted activations"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_more_rows_than_a_grid_dimension(dtype: torch.dtype) -> None:
+    """m = 70000 > 65535 (the largest grid y), k = 192 (3 k tiles, so the wgmma kernel's stream-k runs cut
+    units and its part-summing kernel loops over rows): every row written and right."""
+    _check(70000, 192, 128, 64, dtype)
+
+
 FORCED_SHAPES = ((576, 192), (1344, 448), (4096, 1088))
 
 

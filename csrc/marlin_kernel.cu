@@ -18,8 +18,7 @@
 // (bf16: q - 8, exact; fp16: q - 8 plus a fixed offset, exact, with no arithmetic, the offset times the
 // activation sums removed by one extra mma per strip) and accumulates one scale group in fp32; at the end
 // of each group (every 128 k rows at most) the group sum is multiplied by its fp32 scale and added to the
-// running sum. Scaling in fp32 (not the
-// weights in 16 bits) keeps bf16 results as accurate as fp16 ones. For m <= 8 the operands are swapped
+// running sum. Scaling in fp32 (not the weights in 16 bits) keeps bf16 results as accurate as fp16 ones. For m <= 8 the operands are swapped
 // (weights as the mma's A operand, activations as its n8 B operand): half the mmas and accumulators.
 #include "marlin_kernel.h"
 #include "marlin_launch.cuh"
@@ -338,7 +337,7 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   const int n_words = n / 2;                   // 16-byte vectors per k16 row of qweight
   const bool group32 = !per_channel && group == 32;  // a tile spans two scale groups
   const int scale_rows = group32 ? 2 : 1;      // scale rows fetched per tile
-  // Grouped scales: tile kt starts in group row kt * 64 / group; group sums are folded every group_mask + 1 tiles.
+  // Grouped scales: tile kt starts in group row kt * 64 / group; group sums are folded every fold_mask + 1 tiles.
   const int tiles_per_group = per_channel || group32 ? 1 : group / kTileK;
   const int group_mask = tiles_per_group - 1;  // 0 or 1 (tiles_per_group is 1 or 2): no division per tile
   // Per-channel scales: the sums are still folded every 128 k rows (fold_mask 1), as if the group were

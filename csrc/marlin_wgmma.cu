@@ -51,10 +51,13 @@ struct Layout {
 //  - bf16 (and any dtype with SCALE_A false): two warpgroups with fp32 group sums folded in with fp32
 //    scales (rounding the scaled weights to bf16 would cost ~2e-3); MT = 64: two blocks per SM (128
 //    registers), MT = 128: one (~215).
+// Blocks per SM of a configuration (register and shared-memory budget): two only for 64 rows x 2 warpgroups.
+constexpr int blocks_per_sm(int mt, int wg) { return wg == 2 && mt == 64 ? 2 : 1; }
+
 template <int MT, int WG, int STAGES>
 struct Config {
   static constexpr int kStages = STAGES;
-  static constexpr int kBlocksPerSm = WG == 2 && MT == 64 ? 2 : 1;
+  static constexpr int kBlocksPerSm = blocks_per_sm(MT, WG);
   static constexpr int kSmem = kStages * Layout<MT, WG>::kStage;
 };
 
@@ -213,8 +216,8 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
       }
     }
   };
-  // End of this block's segment of unit u (k tiles seg_kt0..last_kt): the sum goes to C if the segment is
-  // the whole unit, else to this block's scratch slot (0: its first unit, 1: its last).
+  // End of this block's segment of unit u: the sum goes to C if the segment is the whole unit, else to this
+  // block's scratch slot (0: its first unit, 1: its last).
   auto store = [&](int u, bool whole) {
     const int strip = (u / m_tiles) * WG + wg;
     if (strip >= n_strips) return;  // uniform over the warpgroup
@@ -413,8 +416,6 @@ struct Plan {
   bool cut;  // some unit is cut between blocks
 };
 
-int blocks_per_sm(int mt, int wg) { return wg == 2 && mt == 64 ? 2 : 1; }
-
 Plan make_plan(int m, int n, int k, int mt, int wg, int sms) {
   Plan p;
   p.m_tiles = (m + mt - 1) / mt;
@@ -457,7 +458,6 @@ template <typename T, int MT, int WG, bool SCALE_A, int STAGES>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, size_t scratch_bytes, int m, int n,
            int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
   using C = Config<MT, WG, STAGES>;
-  static_assert(C::kBlocksPerSm == (WG == 2 && MT == 64 ? 2 : 1), "blocks_per_sm() must match Config");
   auto kernel = wgmma_kernel<T, MT, WG, SCALE_A, C::kStages, C::kBlocksPerSm>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;

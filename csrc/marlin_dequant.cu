@@ -1,71 +1,89 @@
 // Dequantize a Marlin-packed matrix into a dense row-major [k, n] matrix in the activation dtype.
 //
-// Used for large m, where a dense tensor-core product (cuBLAS) on the dequantized weights is faster than
-// the fused kernel. One warp handles one 16x64 strip: each lane unpacks its 32 codes into shared memory
-// at their natural (row, column) places, then the warp writes 16 rows of 64 values with coalesced stores.
+// Used for large m, where a dense tensor-core product (cuBLAS) on the dequantized weights can beat the fused
+// kernel; the kernel is a pure stream (k n / 2 bytes in, 2 k n bytes out), so it should run at copy
+// bandwidth. One warp handles one 16x64 strip: each lane turns its 16-byte vector (32 codes) into exact
+// q - 8 pairs with the fused kernels' bit trick, multiplies them by their column scales in 16 bits (the
+// product of two 16-bit values is exact in fp32, so this is (q - 8) * s rounded once, as the reference),
+// scatters the 16-bit values into a padded shared-memory strip, and the warp writes the strip's 16 rows
+// with 16-byte stores.
 #include "marlin_kernel.h"
+#include "marlin_layout.cuh"
 #include "marlin_ptx.cuh"
 
 namespace marlin {
 
-constexpr int kDequantWarps = 8;  // strips per thread block
+constexpr int kDequantWarps = 8;    // strips per thread block
+constexpr int kStripPitch = 144;    // bytes per shared row of 64 values: 128 + 16 keeps the scatter
+                                    // conflict-free and the 16-byte reads aligned
 
 template <typename T>           // half or __nv_bfloat16: element type of scales and out
 __global__ void __launch_bounds__(kDequantWarps * 32)
     dequant_kernel(const int4* __restrict__ qweight,  // [k/16, n/2] packed codes as 16-byte vectors
                    const T* __restrict__ scales,      // [k/group, n] or [1, n], Marlin-permuted columns
-                   T* __restrict__ out,               // [k, n] dense weights, row-major
+                   T* __restrict__ out,               // [k, n] dense weights, row-major, 16-byte aligned
                    int n,                             // columns, multiple of 64
                    int k,                             // rows, multiple of 64
                    int group,                         // rows per scale group (k when per channel)
                    int per_channel) {                 // 1: scales use the per-channel permutation
   using Tr = Traits<T>;
-  __shared__ uint8_t codes[kDequantWarps][16][64];
+  __shared__ __align__(16) uint8_t strip_smem[kDequantWarps][16 * kStripPitch];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int n_strips = n / 64;
   const int strip_id = blockIdx.x * kDequantWarps + warp;
   if (strip_id >= (k / 16) * n_strips) return;  // whole warp leaves together; no block barrier below
-  const int r = strip_id / n_strips;   // k16 row of the strip
-  const int s = strip_id % n_strips;   // 64-column strip
-  const int4 v = qweight[static_cast<size_t>(r) * (n / 2) + s * 32 + lane];
+  const int r = strip_id / n_strips;  // k16 row of the strip
+  const int s = strip_id % n_strips;  // 64-column strip
+  const int4 v = __ldg(qweight + static_cast<size_t>(r) * (n / 2) + s * 32 + lane);
   const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
                              static_cast<uint32_t>(v.w)};
-  // Nibble p of word j holds code number order[p] of the lane's 8 codes of 16x16 tile j; code number i is
-  // (half i / 4, k offset (2(lane%4), +1, +8, +9)[i % 4]), column lane/4 + 8 * half within the tile.
-  constexpr int order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-  const int kbase = 2 * (lane % 4);
-  const int kofs[4] = {kbase, kbase + 1, kbase + 8, kbase + 9};
+  // Lane (g, t) = (lane / 4, lane % 4) holds, for tile j (columns 16j..16j+15 of the strip), columns
+  // 16j + g and 16j + g + 8 at k rows 2t, 2t+1, 2t+8, 2t+9. Scales of those 8 columns, as 16-bit pairs
+  // (s, s): grouped layouts keep them at positions 8g .. 8g + 7 (column 16j + g at 8g + 2j, + 8 at 8g + 2j + 1),
+  // one 16-byte load; per-channel ones are scattered (read once per strip, from L1).
+  const T* srow = scales + static_cast<size_t>(per_channel ? 0 : (r * 16) / group) * n + s * 64;
+  const int g = lane >> 2, t = lane & 3;
+  uint32_t sp[8];  // sp[2j + h]: column 16j + g + 8h
+  if (!per_channel) {
+    const uint4 sv = __ldg(reinterpret_cast<const uint4*>(srow + 8 * g));
+    const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      sp[2 * i] = __byte_perm(sw[i], 0, 0x1010);      // low 16 bits twice
+      sp[2 * i + 1] = __byte_perm(sw[i], 0, 0x3232);  // high 16 bits twice
+    }
+  } else {
+    const uint16_t* s16 = reinterpret_cast<const uint16_t*>(srow);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t h = __ldg(s16 + scale_pos(16 * (i >> 1) + g + 8 * (i & 1), true));
+      sp[i] = h * 0x10001u;
+    }
+  }
+  const uint32_t base = smem_addr(strip_smem[warp]);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
+    uint32_t wq[4];  // (rows 2t, 2t+1) col g; (2t+8, 2t+9) col g; (2t, 2t+1) col g+8; (2t+8, 2t+9) col g+8
+    Tr::dequant(words[j], wq);
 #pragma unroll
-    for (int p = 0; p < 8; ++p) {
-      const int i = order[p];
-      const int col = 16 * j + lane / 4 + 8 * (i / 4);
-      codes[warp][kofs[i % 4]][col] = static_cast<uint8_t>((words[j] >> (4 * p)) & 0xF);
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t x = Tr::mul(wq[e], sp[2 * j + (e >> 1)]);
+      const int row = 2 * t + 8 * (e & 1), col = 16 * j + g + 8 * (e >> 1);
+      const uint32_t addr = base + row * kStripPitch + col * 2;
+      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(static_cast<uint16_t>(x & 0xFFFFu)));
+      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr + kStripPitch), "h"(static_cast<uint16_t>(x >> 16)));
     }
   }
   __syncwarp();
-  // Lane handles natural columns 2*lane, 2*lane+1 of the strip. Find their packed scale positions.
-  int pos[2];
+  // Rows lane / 8 + 4i, 16-byte chunk lane % 8: each quarter warp writes one row's 128 bytes.
+  const int chunk = lane & 7;
+  T* dst = out + static_cast<size_t>(r) * 16 * n + s * 64 + chunk * 8;
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const int cn = 2 * lane + e;
-    if (per_channel) {
-      const int c32 = cn % 32;  // position 8i + jj holds column 2i + (0,1,8,9,16,17,24,25)[jj]
-      pos[e] = (cn / 32) * 32 + 8 * ((c32 % 8) / 2) + 2 * (c32 / 8) + (c32 % 2);
-    } else {
-      pos[e] = 8 * (cn % 8) + cn / 8;  // position 8i + j holds column 8j + i
-    }
-  }
-  for (int kk = 0; kk < 16; ++kk) {
-    const int row = r * 16 + kk;
-    const T* srow = scales + static_cast<size_t>(per_channel ? 0 : row / group) * n + s * 64;
-    const float s0 = Tr::to_float(srow[pos[0]]);
-    const float s1 = Tr::to_float(srow[pos[1]]);
-    const float w0 = (static_cast<float>(codes[warp][kk][2 * lane]) - 8.f) * s0;
-    const float w1 = (static_cast<float>(codes[warp][kk][2 * lane + 1]) - 8.f) * s1;
-    *reinterpret_cast<typename Tr::T2*>(out + static_cast<size_t>(row) * n + s * 64 + 2 * lane) = Tr::pack2(w0, w1);
+  for (int i = 0; i < 4; ++i) {
+    const int row = (lane >> 3) + 4 * i;
+    const uint4 x = lds128(base + row * kStripPitch + chunk * 16);
+    *reinterpret_cast<uint4*>(dst + static_cast<size_t>(row) * n) = x;
   }
 }
 
@@ -89,7 +107,8 @@ int marlin_dequantize(const int32_t* qweight, const void* scales, void* out, int
       (!per_channel && k % group_size != 0)) {
     return MARLIN_ERR_GROUP;
   }
-  if ((reinterpret_cast<uintptr_t>(qweight) & 15) != 0 || (reinterpret_cast<uintptr_t>(out) & 3) != 0) {
+  if ((reinterpret_cast<uintptr_t>(qweight) & 15) != 0 || (reinterpret_cast<uintptr_t>(scales) & 15) != 0 ||
+      (reinterpret_cast<uintptr_t>(out) & 15) != 0) {
     return MARLIN_ERR_ALIGN;
   }
   const int group = per_channel ? k : group_size;

@@ -161,12 +161,27 @@ def test_dense_path(m: int, g: int) -> None:
     _check(m, 576, 192, g, torch.float16, path=kernel.PATH_DENSE)
 
 
-def test_dequantize_matches_format() -> None:
+@pytest.mark.parametrize("k,n", ((64, 64), (640, 320), (1344, 1088)))
+def test_dequantize_matches_format(k: int, n: int) -> None:
+    """Bit-identical to (q - 8) * s in float32 rounded once to the dtype (the kernel multiplies in 16 bits,
+    which rounds the exact product once too)."""
     for g in GROUPS:
         for dtype in DTYPES:
-            _, qweight, scales = _case(1, 640, 320, g, dtype, seed=7)
-            got = kernel.dequantize_cuda(qweight, scales, g)
-            assert torch.equal(got, fmt.dequantize(qweight, scales, g, torch.float32).to(dtype)), (g, dtype)
+            _, qweight, scales = _case(1, k, n, g, dtype, seed=7 + k + n)
+            want = fmt.dequantize(qweight, scales, g, torch.float32).to(dtype)
+            assert torch.equal(kernel.dequantize_cuda(qweight, scales, g), want), (k, n, g, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_automatic_path_by_rows(dtype: torch.dtype) -> None:
+    """fp16 switches to dequantize + cuBLAS at the documented row count for this GPU (and is right on both
+    sides of it); bf16 stays fused at any m; forced fused paths never switch."""
+    dense_from = kernel.DENSE_MIN_ROWS_WGMMA if kernel.wgmma_available() else kernel.DENSE_MIN_ROWS
+    for m in (dense_from - 1, dense_from):
+        expect_dense = dtype == torch.float16 and m == dense_from
+        assert kernel.uses_dense_path(m, dtype, kernel.PATH_AUTO) == expect_dense, (m, dtype)
+        assert not kernel.uses_dense_path(m, dtype, kernel.PATH_FUSED)
+        _check(m, 576, 192, 128, dtype)
 
 
 @pytest.mark.parametrize("m", (1, 16, 31, 64, 118, 255))

@@ -3,8 +3,9 @@
 Method: for each (shape, batch) a CUDA graph runs the op once on each of several weight copies (rotated so
 one pass touches > 256 MB, far beyond the 50 MB L2); after warm-up the graph is replayed and timed with
 CUDA events; the median replay time divided by the number of copies is taken, and the best of three rounds
-(every path timed once per round, interleaved, the order rotated from round to round) is reported. Weights are random
-(never zeros): any int32 word is a valid packed group of 8 codes. fp16 cuBLAS runs in the same process.
+(every path timed once per round, interleaved, the order rotated from round to round, an idle pause
+before each timing) is reported. Weights are random (never zeros): any int32 word is a valid packed group
+of 8 codes. fp16 cuBLAS runs in the same process.
 
 Floor = max(bytes / bandwidth, flops / matrix rate) with the device's measured ceilings (H100: 3.0 TB/s
 copy, 740 TFLOP/s fp16; H200: 4.3 TB/s, 788 TFLOP/s); bytes = packed weights + scales + activations + output.
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import statistics
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,11 +120,16 @@ def bench_shape(model: str, k: int, n: int, batches: tuple[int, ...], gen: torch
             )
         names = list(timers)
         best: dict[str, float] = {}
+        last = 0.0
         for r in range(ROUNDS):
-            # Interleaved rounds, the order rotated each round, best of the rounds: a timing right after
-            # the fp16 one (cuBLAS at full power) ran up to 20% slow on the H200 at m = 256.
+            # Interleaved rounds, the order rotated each round, best of the rounds, and an idle pause as
+            # long as the previous timing (at most 0.2 s) before each: a timing right after a heavy one
+            # (cuBLAS at full power) ran up to 20% slow on the H200 at m >= 256.
             for name in names[r % len(names) :] + names[: r % len(names)]:
+                time.sleep(min(0.2, last))
+                start = time.perf_counter()
                 best[name] = min(best.get(name, math.inf), timers[name]())
+                last = time.perf_counter() - start
         fp16, ours, mma = best["fp16"], best["auto"], best.get("mma")
         wgmma, dense_us = best.get("wgmma"), best.get("dense")
         rows.append(Row(model, k, n, m, fp16, ours, mma, wgmma, dense_us, _floor_us(m, k, n)))

@@ -68,6 +68,7 @@ int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void*
                 int sms, int kernel, cudaStream_t stream);
 
 // out[k, n] = dequant(B) in the activation dtype ((q - 8) * s computed in fp32, then rounded), natural
-// row-major order. Used for large m, where a dense matrix product beats the fused kernel.
+// row-major order (bit-identical to that definition). qweight, scales and out 16-byte aligned. Used for large m,
+// where a dense matrix product beats the fused kernel.
 int marlin_dequantize(const int32_t* qweight, const void* scales, void* out, int n, int k, int group_size,
                       int dtype, cudaStream_t stream);

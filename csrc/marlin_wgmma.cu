@@ -287,6 +287,30 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
 
       // Every warpgroup runs this, also an inactive one: ptxas serializes wgmmas in divergent code.
       const uint32_t base = sh + stage * L::kStage;
+      // kEarly (fp16, 256 rows; the registers fit under the 255 cap): this tile's weights are loaded,
+      // dequantized and their scales read while tile w - 1's wgmmas still run; only the scale products,
+      // which write the A registers, wait for them.
+      constexpr bool kEarly = SCALE_A && MT == 256;
+      uint32_t wq[4][4];  // dequantized q - 8 pairs, one set per k16 step
+      // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
+      // (Per channel the scales are applied at the end; kEarly then multiplies by 1.0, so that the A registers
+      // are always written after the wait: ptxas serializes the wgmmas if the dequantization writes them.)
+      constexpr uint32_t kOnePair = 0x3C003C00u;
+      uint32_t s0p = kOnePair, s1p = kOnePair, s0q = kOnePair, s1q = kOnePair;
+      auto load_tile = [&]() {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) Tr::dequant(lds32(base + w_off + 512 * i), wq[i]);
+        if (SCALE_A && !per_channel) {
+          uint16_t h0, h1;
+          load_scales(stage, 0, h0, h1);
+          s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
+          if (group32) {
+            load_scales(stage, 1, h0, h1);
+            s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
+          }
+        }
+      };
+      if constexpr (kEarly) load_tile();
       // Tile w - 1's wgmmas must be done before their A registers are rewritten (reading registers an
       // in-flight wgmma reads is undefined) and before a fold. (Keeping one tile's wgmmas in flight with
       // double-buffered A registers measured no faster on the H200.)
@@ -296,29 +320,17 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
         fold(pend_stage, pend_r, grp);
         fresh = true;
       }
+      if constexpr (!kEarly) load_tile();
       uint32_t af[4][4];  // this tile's A fragments, one per k16 step
-      // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
-      uint32_t s0p = 0u, s1p = 0u, s0q = 0u, s1q = 0u;
-      if (SCALE_A && !per_channel) {
-        uint16_t h0, h1;
-        load_scales(stage, 0, h0, h1);
-        s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
-        if (group32) {
-          load_scales(stage, 1, h0, h1);
-          s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
-        }
-      }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        uint32_t wq[4];
-        Tr::dequant(lds32(base + w_off + 512 * i), wq);
-        if (SCALE_A && !per_channel) {
+        if (SCALE_A && (kEarly || !per_channel)) {
           const bool second = group32 && i >= 2;
           const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
-          af[i][0] = Tr::mul(wq[0], s0), af[i][1] = Tr::mul(wq[2], s1);
-          af[i][2] = Tr::mul(wq[1], s0), af[i][3] = Tr::mul(wq[3], s1);
+          af[i][0] = Tr::mul(wq[i][0], s0), af[i][1] = Tr::mul(wq[i][2], s1);
+          af[i][2] = Tr::mul(wq[i][1], s0), af[i][3] = Tr::mul(wq[i][3], s1);
         } else {
-          af[i][0] = wq[0], af[i][1] = wq[2], af[i][2] = wq[1], af[i][3] = wq[3];
+          af[i][0] = wq[i][0], af[i][1] = wq[i][2], af[i][2] = wq[i][1], af[i][3] = wq[i][3];
         }
       }
       const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)

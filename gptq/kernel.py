@@ -47,12 +47,13 @@ rows on: the mma.sync kernel handles 64 fp16 rows (32 bf16 rows) per pass over t
 H100 it beats dequantize + cuBLAS up to 128 rows and loses at 256 (Llama-2-7B shapes). bf16 inputs always
 use a fused kernel: rounding the dequantized weights to bf16 costs about 2e-3 relative error, above the
 1e-3 the fused kernels meet."""
-DENSE_MIN_ROWS_WGMMA = 768
+DENSE_MIN_ROWS_WGMMA = 1024
 """With the wgmma kernel (sm_90), fp16 inputs use dequantize + cuBLAS from this many rows on (prompt prefill
-sizes). Measured on an H200 (g128, sums over the four Llama-2 layers, us, wgmma / dense): 7B 512 rows
-399.6 / 430.4, 768 rows 605.6 / 577.2, 1024 rows 789.4 / 716.5; 70B 768 rows 2458.6 / 2540.0, 1024 rows
-3409.0 / 2998.3. The crossover depends on the layer (k = 4096 layers cross before 768 rows, k >= 8192 ones
-between 768 and 1024); at 768 rows the choice costs ~5% of a model's sum at most."""
+sizes). Measured on an H200 (g128, sums over the four Llama-2 layers, us, wgmma / dense): 7B 768 rows
+582.9 / 565.0, 1024 rows 787.7 / 737.1, 1536 rows 1208.6 / 1043.9; 70B 768 rows 2310.3 / 2590.9, 1024
+rows 3149.0 / 3117.2, 1536 rows 4903.9 / 4579.3. The crossover depends on the layer (k = 4096 layers
+cross before 768 rows, k >= 8192 ones near 1024); with 1024 the wrong choice costs at most ~3% of a model's
+sum in these runs (7B at 768 rows)."""
 
 
 def _source_dir() -> Path:

@@ -18,8 +18,9 @@
 // (bf16: q - 8, exact; fp16: q - 8 plus a fixed offset, exact, with no arithmetic, the offset times the
 // activation sums removed by one extra mma per strip) and accumulates one scale group in fp32; at the end
 // of each group (every 128 k rows at most) the group sum is multiplied by its fp32 scale and added to the
-// running sum. Scaling in fp32 (not the weights in 16 bits) keeps bf16 results as accurate as fp16 ones. For m <= 8 the operands are swapped
-// (weights as the mma's A operand, activations as its n8 B operand): half the mmas and accumulators.
+// running sum. Scaling in fp32 (not the weights in 16 bits) keeps bf16 results as accurate as fp16 ones.
+// For m <= 8 the operands are swapped (weights as the mma's A operand, activations as its n8 B operand):
+// half the mmas and accumulators.
 #include "marlin_kernel.h"
 #include "marlin_launch.cuh"
 #include "marlin_layout.cuh"

@@ -1,0 +1,1 @@
+"""Checkpoint formats: one module per format on disk (Marlin kernel layout, compressed-tensors, GPTQ)."""

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <string>
 #include <tuple>
@@ -68,15 +69,20 @@ std::string check_weights(const torch::Tensor& qweight, const torch::Tensor& sca
   }
   k = qweight.size(0) * 16;
   n = qweight.size(1) / 2;
-  if (qweight.size(1) % 2 != 0 || n % 64 != 0 || n == 0 || k % 64 != 0 || k == 0) {
+  if (k > INT32_MAX || n > INT32_MAX) return msg("marlin: K=%lld or N=%lld too large", static_cast<ll>(k), static_cast<ll>(n));
+  if (dtype_code(scales) < 0) return msg("marlin: scales must be float16 or bfloat16, got %s", type_name(scales));
+  // The kernels' own preconditions on K, N and the group size (marlin_check_weights), worded here.
+  const int status = group_size < INT32_MIN || group_size > INT32_MAX
+                         ? MARLIN_ERR_GROUP
+                         : marlin_check_weights(static_cast<int>(n), static_cast<int>(k), static_cast<int>(group_size),
+                                                dtype_code(scales));
+  if (qweight.size(1) % 2 != 0 || status == MARLIN_ERR_K || status == MARLIN_ERR_N) {
     return msg("marlin: qweight %s does not pack a K x N matrix with K, N positive multiples of 64 (K=%lld, N=%lld)",
                dims(qweight).c_str(), static_cast<ll>(k), static_cast<ll>(n));
   }
-  if (group_size != -1 && group_size != 32 && group_size != 64 && group_size != 128) {
-    return msg("marlin: group_size must be 32, 64, 128 or -1, got %lld", static_cast<ll>(group_size));
-  }
-  if (group_size != -1 && k % group_size != 0) {
-    return msg("marlin: group_size %lld does not divide K=%lld", static_cast<ll>(group_size), static_cast<ll>(k));
+  if (status != MARLIN_OK) {
+    return msg("marlin: %s; got group_size %lld for K=%lld", marlin_status_string(status), static_cast<ll>(group_size),
+               static_cast<ll>(k));
   }
   const int64_t groups = group_size == -1 ? 1 : k / group_size;
   if (scales.size(0) != groups || scales.size(1) != n) {
@@ -84,8 +90,6 @@ std::string check_weights(const torch::Tensor& qweight, const torch::Tensor& sca
                static_cast<ll>(n), static_cast<ll>(k), static_cast<ll>(n), static_cast<ll>(group_size),
                dims(scales).c_str());
   }
-  if (dtype_code(scales) < 0) return msg("marlin: scales must be float16 or bfloat16, got %s", type_name(scales));
-  if (k > INT32_MAX || n > INT32_MAX) return msg("marlin: K=%lld or N=%lld too large", static_cast<ll>(k), static_cast<ll>(n));
   return "";
 }
 

@@ -100,13 +100,9 @@ int launch_dequant(const int4* qweight, const T* scales, T* out, int n, int k, i
 
 int marlin_dequantize(const int32_t* qweight, const void* scales, void* out, int n, int k, int group_size, int dtype,
                       cudaStream_t stream) {
-  if (k < 64 || k % 64 != 0) return MARLIN_ERR_K;
-  if (n < 64 || n % 64 != 0) return MARLIN_ERR_N;
+  const int weights = marlin_check_weights(n, k, group_size, dtype);
+  if (weights != MARLIN_OK) return weights;
   const bool per_channel = group_size == -1;
-  if (!(per_channel || group_size == 32 || group_size == 64 || group_size == 128) ||
-      (!per_channel && k % group_size != 0)) {
-    return MARLIN_ERR_GROUP;
-  }
   if ((reinterpret_cast<uintptr_t>(qweight) & 15) != 0 || (reinterpret_cast<uintptr_t>(scales) & 15) != 0 ||
       (reinterpret_cast<uintptr_t>(out) & 15) != 0) {
     return MARLIN_ERR_ALIGN;
@@ -117,9 +113,6 @@ int marlin_dequantize(const int32_t* qweight, const void* scales, void* out, int
     return marlin::launch_dequant(q, static_cast<const half*>(scales), static_cast<half*>(out), n, k, group,
                                   per_channel ? 1 : 0, stream);
   }
-  if (dtype == MARLIN_BF16) {
-    return marlin::launch_dequant(q, static_cast<const __nv_bfloat16*>(scales), static_cast<__nv_bfloat16*>(out),
-                                  n, k, group, per_channel ? 1 : 0, stream);
-  }
-  return MARLIN_ERR_DTYPE;
+  return marlin::launch_dequant(q, static_cast<const __nv_bfloat16*>(scales), static_cast<__nv_bfloat16*>(out), n,
+                                k, group, per_channel ? 1 : 0, stream);
 }

@@ -24,6 +24,7 @@
 #include "marlin_kernel.h"
 #include "marlin_launch.cuh"
 #include "marlin_layout.cuh"
+#include "marlin_plan.h"
 #include "marlin_ptx.cuh"
 #include "marlin_sm90.h"
 
@@ -32,7 +33,7 @@
 namespace marlin {
 
 constexpr int kStrips = 4;      // k16 strips (16 rows x 64 columns, one 16-byte load per lane) per warp per tile
-constexpr int kTileK = 16 * kStrips;  // k rows per pipeline stage
+static_assert(16 * kStrips == kTileK, "a pipeline stage is one work item of the plan (marlin_plan.h)");
 constexpr int kMaxRows = 64;    // rows of A per launch at most (four m16 blocks)
 constexpr int kWgmmaMinRows = 33;  // MARLIN_KERNEL_AUTO takes the wgmma kernel from this m on, where available
 
@@ -214,19 +215,6 @@ __device__ __forceinline__ void finish_segment_t(const float (&acc)[4][4], T* c,
   }
 }
 
-// Segments of column block nb. Stream-k plan (splits == 0): blocks first..first+count-1 cover its k range
-// (runs of tiles_per_cta units). Split plan: count = splits (block b holds segment b % splits).
-__device__ __forceinline__ void segment_range(int nb, int k_tiles, int tiles_per_cta, int splits, int& first,
-                                              int& count) {
-  if (splits > 0) {
-    first = 0;
-    count = splits;
-    return;
-  }
-  first = nb * k_tiles / tiles_per_cta;
-  count = (nb * k_tiles + k_tiles - 1) / tiles_per_cta - first + 1;
-}
-
 // C[row, col] = sum over the segments of col's column block, for split column blocks. 2^lanes_log2
 // consecutive lanes split the segments into fixed contiguous parts, add each in order, then add the parts
 // in order: the association depends only on the plan, so results are identical run to run. (Several
@@ -253,7 +241,7 @@ __global__ void reduce_kernel(const float* __restrict__ scratch,  // [n/64, max_
   const int row = valid ? idx / (n / 2) : 0, col = valid ? 2 * (idx % (n / 2)) : 0;
   const int strip = col / 64;
   int first = 0, n_segs = 0;
-  segment_range(strip / strips_per_block, k_tiles, tiles_per_cta, splits, first, n_segs);
+  unit_blocks(strip / strips_per_block, k_tiles, splits, tiles_per_cta, first, n_segs);
   const int per_lane = (n_segs + lanes - 1) >> lanes_log2;
   const int s_begin = quarter * per_lane;
   const int s_end = valid && n_segs > 1 ? min(s_begin + per_lane, n_segs) : s_begin;
@@ -326,15 +314,8 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
   const int k_tiles = k / kTileK;
   const int n_strips = n / 64;
   const int n_blocks = (n + kTileN - 1) / kTileN;
-  int begin, end;  // this block's units
-  if (splits > 0) {
-    const int nb0 = blockIdx.x / splits, part = blockIdx.x - nb0 * splits;
-    begin = nb0 * k_tiles + part * k_tiles / splits;
-    end = nb0 * k_tiles + (part + 1) * k_tiles / splits;
-  } else {
-    begin = blockIdx.x * tiles_per_cta;
-    end = min(begin + tiles_per_cta, n_blocks * k_tiles);
-  }
+  const WorkRange range = work_range(blockIdx.x, splits, tiles_per_cta, k_tiles, n_blocks * k_tiles);
+  const int begin = range.w0, end = range.w1;  // this block's units
   const int n_words = n / 2;                   // 16-byte vectors per k16 row of qweight
   const bool group32 = !per_channel && group == 32;  // a tile spans two scale groups
   const int scale_rows = group32 ? 2 : 1;      // scale rows fetched per tile
@@ -525,8 +506,8 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       }
       if (seg_end) {
         int first = 0, n_segs = 0;
-        segment_range(nb, k_tiles, tiles_per_cta, splits, first, n_segs);
-        const int seg = splits > 0 ? static_cast<int>(blockIdx.x) % splits : static_cast<int>(blockIdx.x) - first;
+        unit_blocks(nb, k_tiles, splits, tiles_per_cta, first, n_segs);
+        const int seg = static_cast<int>(blockIdx.x) - first;
         finish_segment_t<T>(acc_t, c, scratch, m, n, strip, seg, n_segs == 1, max_segs, lane);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
@@ -596,8 +577,8 @@ __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
       }
       if (seg_end) {
         int first = 0, n_segs = 0;
-        segment_range(nb, k_tiles, tiles_per_cta, splits, first, n_segs);
-        const int seg = splits > 0 ? static_cast<int>(blockIdx.x) % splits : static_cast<int>(blockIdx.x) - first;
+        unit_blocks(nb, k_tiles, splits, tiles_per_cta, first, n_segs);
+        const int seg = static_cast<int>(blockIdx.x) - first;
         finish_segment<T, M_BLOCKS>(acc, c, scratch, m, n, strip, seg, n_segs == 1, max_segs, lane);
 #pragma unroll
         for (int b = 0; b < M_BLOCKS; ++b)
@@ -645,66 +626,6 @@ struct Config<4> {
 // size the scratch buffer).
 constexpr int kMaxBlocksPerSm = 4;
 constexpr int kMinTileN = 256;
-// How finely a column block's k range may be split (minimum run length in tiles). Each segment of a strip
-// costs m x 64 fp32 partial sums written and read back through L2 (512 m bytes) against 2 KB of weights
-// per tile, and a serial step in reduce_kernel. Chosen from measurements on the H100 (Llama-2 shapes):
-// m <= 4 is fastest with the finest split (up to 64 segments); 4 < m <= 16 with runs of >= m/4 tiles;
-// m > 16 with at most 16 segments (finer splits cost 20-35% at m = 32 and 64).
-int min_run_tiles(int m, int k_tiles) {
-  if (m > 16) return (k_tiles + 15) / 16;
-  const int by_split = (k_tiles + 63) / 64;
-  const int by_rows = m <= 4 ? 1 : (m + 3) / 4;
-  return by_split > by_rows ? by_split : by_rows;
-}
-
-struct Plan {
-  int grid;            // thread blocks launched
-  int tiles_per_cta;   // stream-k: units of work per block (0 in the split plan)
-  int splits;          // split plan: k parts per column block (0 in the stream-k plan)
-  int max_segs;        // segments any column block may be split into
-};
-
-// Stream-k plan over `ctas` block slots.
-Plan stream_k_plan(int n, int k, int m, int ctas, int tile_n) {
-  const int k_tiles = k / kTileK;
-  const int n_blocks = (n + tile_n - 1) / tile_n;
-  const int total = n_blocks * k_tiles;
-  Plan p;
-  p.tiles_per_cta = (total + ctas - 1) / ctas;
-  const int min_tiles = min_run_tiles(m, k_tiles);
-  if (p.tiles_per_cta < min_tiles) p.tiles_per_cta = min_tiles;
-  p.grid = (total + p.tiles_per_cta - 1) / p.tiles_per_cta;
-  p.splits = 0;
-  p.max_segs = (k_tiles + p.tiles_per_cta - 1) / p.tiles_per_cta + 1;
-  return p;
-}
-
-// k parts per column block for the split plan: as many as fill the `ctas` slots, parts of at least
-// min_run_tiles, never more than k_tiles (every part gets a tile).
-int split_count(int n, int k, int m, int ctas, int tile_n) {
-  const int k_tiles = k / kTileK;
-  const int n_blocks = (n + tile_n - 1) / tile_n;
-  int splits = ctas / n_blocks;
-  if (splits > k_tiles) splits = k_tiles;
-  while (splits > 1 && k_tiles / splits < min_run_tiles(m, k_tiles)) --splits;
-  return splits < 1 ? 1 : splits;
-}
-
-// The split plan where it keeps >= 90% of the block slots busy, and always for m > 16 (measured on the
-// H100: never slower, and 10-25% faster at m = 32 and 64); else stream-k (e.g. n = 57344 at m <= 16:
-// 224 column blocks x 2 parts fill 85% of 528 slots, and stream-k was 2% faster).
-Plan make_plan(int n, int k, int m, int ctas, int tile_n) {
-  const int n_blocks = (n + tile_n - 1) / tile_n;
-  const int splits = split_count(n, k, m, ctas, tile_n);
-  if (m <= 16 && n_blocks * splits * 10 < ctas * 9) return stream_k_plan(n, k, m, ctas, tile_n);
-  Plan p;
-  p.grid = n_blocks * splits;
-  p.tiles_per_cta = 0;
-  p.splits = splits;
-  p.max_segs = splits;
-  return p;
-}
-
 template <typename T, int M_BLOCKS, bool SCALE_B, bool SWAP = false>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, int m, int n, int k,
            int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
@@ -714,20 +635,20 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  const Plan plan = make_plan(n, k, m, sms * C::kBlocksPerSm, 64 * C::kWarps);
+  const Plan plan = mma_plan(n, k, m, sms * C::kBlocksPerSm, 64 * C::kWarps);
+  const int k_tiles = k / kTileK;
+  const int max_segs = max_segments(plan, k_tiles);
   if (launch_kernel(kernel, plan.grid, 32 * C::kWarps, smem, stream, pdl, a, qweight, scales, c, scratch, m, n, k,
-                    lda, group, per_channel, plan.tiles_per_cta, plan.splits, plan.max_segs) != cudaSuccess) {
+                    lda, group, per_channel, plan.tiles_per_block, plan.splits, max_segs) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  const int k_tiles = k / kTileK;
-  if (plan.splits > 1 || (plan.splits == 0 && plan.tiles_per_cta % k_tiles != 0)) {  // segments to add
+  if (plan_cuts(plan, k_tiles)) {  // segments to add
     // Up to 16 segments per lane (one batch of loads in flight).
-    const int lanes_log2 = plan.max_segs > 32 ? 2 : plan.max_segs > 16 ? 1 : 0;
+    const int lanes_log2 = max_segs > 32 ? 2 : max_segs > 16 ? 1 : 0;
     const int threads = 256, total_lanes = (m * (n / 2)) << lanes_log2;
     if (launch_kernel(reduce_kernel<T>, (total_lanes + threads - 1) / threads, threads, 0, stream, pdl,
-                      static_cast<const float*>(scratch), c, m, n, k_tiles, plan.tiles_per_cta, plan.splits,
-                      C::kWarps,
-                      plan.max_segs, lanes_log2) != cudaSuccess) {
+                      static_cast<const float*>(scratch), c, m, n, k_tiles, plan.tiles_per_block, plan.splits,
+                      C::kWarps, max_segs, lanes_log2) != cudaSuccess) {
       return MARLIN_ERR_LAUNCH;
     }
   }
@@ -771,6 +692,18 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 }  // namespace marlin
 
+int marlin_check_weights(int n, int k, int group_size, int dtype) {
+  if (k < 64 || k % 64 != 0) return MARLIN_ERR_K;
+  if (n < 64 || n % 64 != 0) return MARLIN_ERR_N;
+  const bool per_channel = group_size == -1;
+  if (!(per_channel || group_size == 32 || group_size == 64 || group_size == 128) ||
+      (!per_channel && k % group_size != 0)) {
+    return MARLIN_ERR_GROUP;
+  }
+  if (dtype != MARLIN_FP16 && dtype != MARLIN_BF16) return MARLIN_ERR_DTYPE;
+  return MARLIN_OK;
+}
+
 const char* marlin_status_string(int status) {
   switch (status) {
     case MARLIN_OK: return "ok";
@@ -793,9 +726,11 @@ const char* marlin_status_string(int status) {
 size_t marlin_scratch_bytes(int m, int n, int k, int dtype, int sms) {
   if (n < 64 || k < 64 || sms < 1) return 0;
   // More blocks means more segments per column block: size for the largest grid, under either plan.
-  const int ctas = sms * marlin::kMaxBlocksPerSm;
-  const int sk = marlin::stream_k_plan(n, k, 1, ctas, marlin::kMinTileN).max_segs;
-  const int sp = marlin::split_count(n, k, 1, ctas, marlin::kMinTileN);
+  const int ctas = sms * marlin::kMaxBlocksPerSm, k_tiles = k / marlin::kTileK;
+  const int units = (n + marlin::kMinTileN - 1) / marlin::kMinTileN;
+  const int sk = marlin::max_segments(
+      marlin::stream_k_plan(units, k_tiles, ctas, marlin::mma_min_run(1, k_tiles)), k_tiles);
+  const int sp = marlin::mma_splits(n, k, 1, ctas, marlin::kMinTileN);
   const size_t mma = static_cast<size_t>(n / 64) * (sk > sp ? sk : sp) * marlin::kMaxRows * 64 * sizeof(float);
   const size_t wgmma = marlin::sm90::compiled() && m >= 1 ? marlin::sm90::scratch_bytes(m, n, k, dtype, sms) : 0;
   return mma > wgmma ? mma : wgmma;
@@ -823,14 +758,9 @@ int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void*
                 size_t scratch_bytes, int m, int n, int k, int lda, int group_size, int dtype, int sms,
                 int kernel, cudaStream_t stream) {
   if (m < 1) return MARLIN_ERR_M;
-  if (k < 64 || k % 64 != 0) return MARLIN_ERR_K;
-  if (n < 64 || n % 64 != 0) return MARLIN_ERR_N;
+  const int weights = marlin_check_weights(n, k, group_size, dtype);
+  if (weights != MARLIN_OK) return weights;
   const bool per_channel = group_size == -1;
-  if (!(per_channel || group_size == 32 || group_size == 64 || group_size == 128) ||
-      (!per_channel && k % group_size != 0)) {
-    return MARLIN_ERR_GROUP;
-  }
-  if (dtype != MARLIN_FP16 && dtype != MARLIN_BF16) return MARLIN_ERR_DTYPE;
   if (!marlin::aligned16(a) || !marlin::aligned16(qweight) || !marlin::aligned16(scales) ||
       !marlin::aligned16(c) || lda % 8 != 0 || lda < k) {
     return MARLIN_ERR_ALIGN;

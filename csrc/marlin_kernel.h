@@ -46,6 +46,10 @@ int marlin_wgmma_available(int device);
 // Element type of activations, scales and output.
 enum MarlinDtype : int { MARLIN_FP16 = 0, MARLIN_BF16 = 1 };
 
+// The preconditions on the packed weights that every entry point below checks first (the binding too, to
+// word its messages): MARLIN_ERR_K, _N, _GROUP or _DTYPE, else MARLIN_OK.
+int marlin_check_weights(int n, int k, int group_size, int dtype);
+
 // Human-readable name of a MarlinStatus.
 const char* marlin_status_string(int status);
 

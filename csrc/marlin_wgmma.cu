@@ -10,7 +10,7 @@
 //
 // A unit of work is MT rows (16, 32, 64, 128 or 256) x WG warpgroups' 64-column strips x all of k. A block
 // runs one part of a unit (split plan) or a run of consecutive k tiles across units (stream-k plan; see
-// make_plan). Weights, activations and scales flow through a STAGES-deep cp.async pipeline,
+// marlin_plan.h). Weights, activations and scales flow through a STAGES-deep cp.async pipeline,
 // fetched STAGES - 2 tiles ahead so that a stage is refilled only after the wgmmas that read it have
 // completed: each warpgroup waits for its previous tile's wgmmas before it rewrites their A registers and
 // issues the next tile's. fp16 applies the group scales to the dequantized weights (16-bit products, one
@@ -18,18 +18,23 @@
 // fp32 scale at the end of each group, as the mma.sync kernels do. The fp32 sums of units that several blocks
 // share go to scratch, and a second kernel adds them in block order (deterministic, no state kept between
 // launches, graph-safe).
+//
+// fp16 with m > 32 (row tiles of 64, 128 and 256) runs the same consumers fed by a TMA producer warpgroup
+// instead of the cp.async pipeline (wgmma_tma_kernel, marlin_wgmma_tma.cuh); fp16 at 16 and 32 rows (taken
+// only when the wgmma kernel is asked for: the automatic choice runs mma.sync there) and bf16 run the
+// cp.async kernel below.
 #include "marlin_kernel.h"
 #include "marlin_launch.cuh"
 #include "marlin_layout.cuh"
+#include "marlin_plan.h"
 #include "marlin_ptx.cuh"
 #include "marlin_sm90.h"
+#include "marlin_tma.cuh"
 #include "marlin_wgmma.cuh"
+#include "marlin_wgmma_tma.cuh"
 
 namespace marlin {
 namespace sm90 {
-
-constexpr int kTileK = 64;         // k rows per pipeline stage (four k16 steps)
-constexpr int kMinPartTiles = 4;   // k tiles of work per block at least
 
 // Bytes of one pipeline stage for MT rows and WG warpgroups (64-column strips). The activations come
 // first: stage strides are multiples of 1024 bytes, as the 128-byte swizzle atoms of the wgmma B operand need.
@@ -41,16 +46,19 @@ struct Layout {
   static constexpr int kStage = (kA + kB + kS + 1023) / 1024 * 1024;
 };
 
-// Launch configurations (8 stages, 6 tiles in flight per block; 12 measured 0.5-2% slower), chosen by pick():
+// Launch configurations, chosen by pick():
 //  - fp16, MT = 16..128: four warpgroups (256 columns per block, so each activation tile feeds twice the
-//    weights; two warpgroups with 2-3 blocks per SM measured 5-31% slower in the per-model sums), scales applied to the
-//    dequantized weights in fp16 (one fp32 accumulator set: ~2e-4 relative error, like the mma.sync
-//    kernel's 4-row-block variant); one block of 512 threads per SM.
-//  - fp16, m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two warpgroups and 6
-//    stages (37 KB each), one block per SM: 2-11% faster than MT = 128 at m = 256 and 512 on the H200.
-//  - bf16 (and any dtype with SCALE_A false): two warpgroups with fp32 group sums folded in with fp32
-//    scales (rounding the scaled weights to bf16 would cost ~2e-3); MT = 64: two blocks per SM (128
-//    registers), MT = 128: one (~215).
+//    weights; two warpgroups with 2-3 blocks per SM measured 5-31% slower in the per-model sums), scales
+//    applied to the dequantized weights in fp16 (one fp32 accumulator set: ~2e-4 relative error, like the
+//    mma.sync kernel's 4-row-block variant); one block per SM. MT = 16 and 32: this cp.async kernel, 8 stages
+//    of 512 threads (6 tiles in flight; 12 stages measured 0.5-2% slower); MT = 64 and 128: the TMA kernel
+//    (marlin_wgmma_tma.cuh), 8 stages, a fifth (producer) warpgroup.
+//  - fp16, m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two consumer warpgroups
+//    in the TMA kernel, 6 stages (37 KB each), one block per SM: 2-11% faster than MT = 128 at m = 256 and
+//    512 (measured on the H200 with this kernel's cp.async pipeline).
+//  - bf16 (and any dtype with SCALE_A false): this kernel with two warpgroups and fp32 group sums folded in
+//    with fp32 scales (rounding the scaled weights to bf16 would cost ~2e-3); MT = 64: two blocks per SM
+//    (128 registers), MT = 128: one (~215).
 // Blocks per SM of a configuration (register and shared-memory budget): two only for 64 rows x 2 warpgroups.
 constexpr int blocks_per_sm(int mt, int wg) { return wg == 2 && mt == 64 ? 2 : 1; }
 
@@ -100,15 +108,9 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
   // Work: unit u = (row tile u % m_tiles, column block u / m_tiles), row tile fastest so that the blocks
   // reading the same weights run together; work item w = u * k_tiles + k tile. This block runs w0..w1-1:
   // part blockIdx % splits of unit blockIdx / splits (split plan), or a run of tiles_per_block (stream-k).
-  int w0, w1;
-  if (splits > 0) {
-    const int u = blockIdx.x / splits, part = blockIdx.x - u * splits;
-    w0 = u * k_tiles + part * k_tiles / splits;
-    w1 = u * k_tiles + (part + 1) * k_tiles / splits;
-  } else {
-    w0 = blockIdx.x * tiles_per_block;
-    w1 = min(w0 + tiles_per_block, m_tiles * ((n + kTileN - 1) / kTileN) * k_tiles);
-  }
+  const WorkRange range = work_range(blockIdx.x, splits, tiles_per_block, k_tiles,
+                                     m_tiles * ((n + kTileN - 1) / kTileN) * k_tiles);
+  const int w0 = range.w0, w1 = range.w1;
   const int first_unit = w0 / k_tiles;
   const bool group32 = !per_channel && group == 32;
   const int tiles_per_group = per_channel ? k_tiles : (group32 ? 1 : group / kTileK);
@@ -287,30 +289,9 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
 
       // Every warpgroup runs this, also an inactive one: ptxas serializes wgmmas in divergent code.
       const uint32_t base = sh + stage * L::kStage;
-      // kEarly (fp16, 256 rows; the registers fit under the 255 cap): this tile's weights are loaded,
-      // dequantized and their scales read while tile w - 1's wgmmas still run; only the scale products,
-      // which write the A registers, wait for them.
-      constexpr bool kEarly = SCALE_A && MT == 256;
       uint32_t wq[4][4];  // dequantized q - 8 pairs, one set per k16 step
       // SCALE_A: 16-bit pairs (s, s) of this thread's rows g and g + 8, for the tile's group rows 0 and 1.
-      // (Per channel the scales are applied at the end; kEarly then multiplies by 1.0, so that the A registers
-      // are always written after the wait: ptxas serializes the wgmmas if the dequantization writes them.)
-      constexpr uint32_t kOnePair = 0x3C003C00u;
-      uint32_t s0p = kOnePair, s1p = kOnePair, s0q = kOnePair, s1q = kOnePair;
-      auto load_tile = [&]() {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) Tr::dequant(lds32(base + w_off + 512 * i), wq[i]);
-        if (SCALE_A && !per_channel) {
-          uint16_t h0, h1;
-          load_scales(stage, 0, h0, h1);
-          s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
-          if (group32) {
-            load_scales(stage, 1, h0, h1);
-            s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
-          }
-        }
-      };
-      if constexpr (kEarly) load_tile();
+      uint32_t s0p = 0, s1p = 0, s0q = 0, s1q = 0;
       // Tile w - 1's wgmmas must be done before their A registers are rewritten (reading registers an
       // in-flight wgmma reads is undefined) and before a fold. (Keeping one tile's wgmmas in flight with
       // double-buffered A registers measured no faster on the H200.)
@@ -320,11 +301,23 @@ __global__ void __launch_bounds__(128 * WG, MIN_BLOCKS)
         fold(pend_stage, pend_r, grp);
         fresh = true;
       }
-      if constexpr (!kEarly) load_tile();
+      // The weights are loaded, dequantized and scaled after the wait (the registers of these configurations
+      // leave no room to do it early, as the TMA kernel does at 256 rows).
+#pragma unroll
+      for (int i = 0; i < 4; ++i) Tr::dequant(lds32(base + w_off + 512 * i), wq[i]);
+      if (SCALE_A && !per_channel) {
+        uint16_t h0, h1;
+        load_scales(stage, 0, h0, h1);
+        s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
+        if (group32) {
+          load_scales(stage, 1, h0, h1);
+          s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
+        }
+      }
       uint32_t af[4][4];  // this tile's A fragments, one per k16 step
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (SCALE_A && (kEarly || !per_channel)) {
+        if (SCALE_A && !per_channel) {
           const bool second = group32 && i >= 2;
           const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
           af[i][0] = Tr::mul(wq[i][0], s0), af[i][1] = Tr::mul(wq[i][2], s1);
@@ -408,9 +401,10 @@ __global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid
   const size_t slot_size = static_cast<size_t>(mt) * tile_n;
   for (int row = blockIdx.y; row < m; row += gridDim.y) {
     const int u = nb * m_tiles + row / mt, w_first = u * k_tiles;  // the unit and its first work item
-    const int b0 = splits > 0 ? u * splits : w_first / tiles_per_block;
-    const int b1 = splits > 0 ? b0 + splits - 1 : (w_first + k_tiles - 1) / tiles_per_block;
-    if (b0 == b1) continue;  // one block ran the whole unit and wrote C
+    int b0 = 0, count = 0;
+    unit_blocks(u, k_tiles, splits, tiles_per_block, b0, count);
+    if (count == 1) continue;  // one block ran the whole unit and wrote C
+    const int b1 = b0 + count - 1;
     // Block b holds the unit in slot 0 if the unit is its first (b starts inside it), else in slot 1
     // (split plan: always its first).
     const float* src = scratch + (row % mt) * tile_n + (col - nb * tile_n);
@@ -426,57 +420,38 @@ __global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid
   }
 }
 
-// Plan of one call. Units (row tile x column block) are cut along k in one of two ways:
-//  - split plan: every unit into `splits` equal parts, one block each, when that fills one wave of block
-//    slots to >= 85% (then every block has one segment and the same work);
-//  - stream-k plan otherwise: every block runs tiles_per_block consecutive work items (k tiles of units),
-//    the same work for every SM whatever the shape, at the cost of up to two segments per block.
-// Measured on the H200 (fp16, m = 48..256, Llama-2 layers): stream-k is up to 18% faster where the split
-// plans need several waves or leave SMs idle (e.g. 4096x12288, 8192x57344), up to 10% slower where one
-// wave of equal parts fits (e.g. 28672x8192, 11008x4096). Cut units are finished by sum_segments_kernel.
-struct Plan {
-  int m_tiles, grid, splits, tiles_per_block;
-  bool cut;  // some unit is cut between blocks
-};
-
-Plan make_plan(int m, int n, int k, int mt, int wg, int sms) {
-  Plan p;
-  p.m_tiles = (m + mt - 1) / mt;
-  const int units = p.m_tiles * ((n + 64 * wg - 1) / (64 * wg));
-  const int k_tiles = k / kTileK;
-  const int slots = sms * blocks_per_sm(mt, wg);
-  int s1 = units <= slots ? slots / units : 0;  // parts per unit that fit one wave
-  if (s1 > k_tiles / kMinPartTiles) s1 = k_tiles / kMinPartTiles;
-  if (s1 >= 1 && units * s1 * 100 >= slots * 85) {
-    p.splits = s1;
-    p.tiles_per_block = 0;
-    p.grid = units * s1;
-    p.cut = s1 > 1;
-    return p;
-  }
-  const long long total = static_cast<long long>(units) * k_tiles;
-  long long run = (total + slots - 1) / slots;
-  if (run < kMinPartTiles) run = total < kMinPartTiles ? total : kMinPartTiles;
-  p.splits = 0;
-  p.tiles_per_block = static_cast<int>(run);
-  p.grid = static_cast<int>((total + run - 1) / run);
-  p.cut = run % k_tiles != 0;
-  return p;
-}
-
-// The configuration a call with m rows of dtype runs: rows per block and warpgroups per block. fp16: the
-// smallest of 16, 32, 64, 128 rows that covers m with four warpgroups, above 128 rows 256 with two; bf16:
-// 64 or 128 rows with two.
+// The configuration a call with m rows of dtype runs: rows per block and warpgroups (64-column strips) per
+// block. fp16: the smallest of 16, 32, 64, 128 rows that covers m with four warpgroups, above 128 rows 256 with
+// two; bf16: 64 or 128 rows with two.
 void pick(int m, int dtype, int& mt, int& wg) {
   const bool fp16 = dtype == MARLIN_FP16;
   mt = fp16 && m <= 16 ? 16 : fp16 && m <= 32 ? 32 : m <= 64 ? 64 : fp16 && m > 128 ? 256 : 128;
   wg = fp16 && mt <= 128 ? 4 : 2;
 }
 
-size_t plan_scratch_bytes(const Plan& p, int mt, int wg) {
-  return p.cut ? static_cast<size_t>(p.grid) * 2 * mt * 64 * wg * sizeof(float) : 0;
+// Every configuration of pick() runs one block per SM except bf16's 64 rows x 2 warpgroups (two).
+Plan plan_for(int m, int n, int k, int mt, int wg, int sms) {
+  return wgmma_plan(m, n, k, mt, wg, sms * blocks_per_sm(mt, wg));
 }
 
+size_t plan_scratch_bytes(const Plan& p, int k, int mt, int wg) {
+  return plan_cuts(p, k / kTileK) ? static_cast<size_t>(p.grid) * 2 * mt * 64 * wg * sizeof(float) : 0;
+}
+
+// The segment sums of the units that several blocks shared, when the plan cut any.
+template <typename T>
+int launch_sum(const Plan& p, float* scratch, T* c, int m, int n, int k, int mt, int wg, bool pdl,
+               cudaStream_t stream) {
+  if (!plan_cuts(p, k / kTileK)) return MARLIN_OK;
+  const int threads = 128;
+  const dim3 grid((n / 4 + threads - 1) / threads, m < 65535 ? m : 65535);
+  return launch_kernel(sum_segments_kernel<T>, grid, threads, 0, stream, pdl, static_cast<const float*>(scratch), c, m,
+                       n, mt, 64 * wg, (m + mt - 1) / mt, k / kTileK, p.splits, p.tiles_per_block) == cudaSuccess
+             ? MARLIN_OK
+             : MARLIN_ERR_LAUNCH;
+}
+
+// The cp.async kernel (fp16 at MT = 16 and 32, bf16).
 template <typename T, int MT, int WG, bool SCALE_A, int STAGES>
 int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, size_t scratch_bytes, int m, int n,
            int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
@@ -485,21 +460,44 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  const Plan p = make_plan(m, n, k, MT, WG, sms);
-  if (plan_scratch_bytes(p, MT, WG) > scratch_bytes) return MARLIN_ERR_SCRATCH;
+  const Plan p = plan_for(m, n, k, MT, WG, sms);
+  if (plan_scratch_bytes(p, k, MT, WG) > scratch_bytes) return MARLIN_ERR_SCRATCH;
   if (launch_kernel(kernel, p.grid, 128 * WG, C::kSmem, stream, pdl, a, qweight, scales, c, scratch, m, n, k, lda,
-                    group, per_channel, p.m_tiles, p.splits, p.tiles_per_block) != cudaSuccess) {
+                    group, per_channel, (m + MT - 1) / MT, p.splits, p.tiles_per_block) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
-  if (p.cut) {
-    const int threads = 128;
-    const dim3 grid((n / 4 + threads - 1) / threads, m < 65535 ? m : 65535);
-    if (launch_kernel(sum_segments_kernel<T>, grid, threads, 0, stream, pdl, static_cast<const float*>(scratch), c, m,
-                      n, MT, 64 * WG, p.m_tiles, k / kTileK, p.splits, p.tiles_per_block) != cudaSuccess) {
-      return MARLIN_ERR_LAUNCH;
-    }
+  return launch_sum(p, scratch, c, m, n, k, MT, WG, pdl, stream);
+}
+
+// The TMA kernel (fp16, MT = 64, 128, 256). Its tensor maps are encoded on the host for each call (in a CUDA
+// graph, once at capture); they need A, the codes and the scales 16-byte aligned and lda % 8 == 0, which
+// marlin_gemm checks of every call.
+template <int MT, int WG, int STAGES>
+int launch_tma(const half* a, const int4* qweight, const half* scales, half* c, float* scratch, size_t scratch_bytes,
+               int m, int n, int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
+  using C = TmaConfig<MT, WG, STAGES>;
+  auto kernel = wgmma_tma_kernel<MT, WG, STAGES>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem) != cudaSuccess) {
+    return MARLIN_ERR_LAUNCH;
   }
-  return MARLIN_OK;
+  const bool group32 = !per_channel && group == 32;
+  CUtensorMap tm_a, tm_b, tm_s;
+  // Codes as 8-byte words: a k16 row of qweight (n / 2 16-byte vectors) is n words.
+  if (!encode_2d(&tm_a, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, a, k, m, static_cast<uint64_t>(lda) * 2, kTileK, MT,
+                 CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode_2d(&tm_b, CU_TENSOR_MAP_DATA_TYPE_UINT64, qweight, n, k / 16, static_cast<uint64_t>(n) * 8, 64 * WG, 4,
+                 CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      !encode_2d(&tm_s, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, scales, n, per_channel ? 1 : k / group,
+                 static_cast<uint64_t>(n) * 2, 64 * WG, group32 ? 2 : 1, CU_TENSOR_MAP_SWIZZLE_NONE)) {
+    return MARLIN_ERR_LAUNCH;
+  }
+  const Plan p = plan_for(m, n, k, MT, WG, sms);
+  if (plan_scratch_bytes(p, k, MT, WG) > scratch_bytes) return MARLIN_ERR_SCRATCH;
+  if (launch_kernel(kernel, p.grid, C::kThreads, C::kSmem, stream, pdl, tm_a, tm_b, tm_s, c, scratch, m, n, k, group,
+                    per_channel, (m + MT - 1) / MT, p.splits, p.tiles_per_block) != cudaSuccess) {
+    return MARLIN_ERR_LAUNCH;
+  }
+  return launch_sum(p, scratch, c, m, n, k, MT, WG, pdl, stream);
 }
 
 bool compiled() {
@@ -513,14 +511,7 @@ bool compiled() {
 size_t scratch_bytes(int m, int n, int k, int dtype, int sms) {
   int mt = 0, wg = 0;
   pick(m, dtype, mt, wg);
-  return plan_scratch_bytes(make_plan(m, n, k, mt, wg, sms), mt, wg);
-}
-
-template <int MT>
-int launch_fp16(const half* a, const int4* qweight, const half* scales, half* c, float* scratch, size_t scratch_bytes,
-                int m, int n, int k, int lda, int group, int per_channel, int sms, bool pdl, cudaStream_t stream) {
-  return launch<half, MT, 4, true, 8>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel,
-                                      sms, pdl, stream);
+  return plan_scratch_bytes(plan_for(m, n, k, mt, wg, sms), k, mt, wg);
 }
 
 int gemm(const void* a, const int4* qweight, const void* scales, void* c, float* scratch, size_t scratch_bytes, int m,
@@ -534,29 +525,29 @@ int gemm(const void* a, const int4* qweight, const void* scales, void* c, float*
     half* c16 = static_cast<half*>(c);
     switch (mt) {
       case 16:
-        return launch_fp16<16>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
-                               pdl, stream);
+        return launch<half, 16, 4, true, 8>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
+                                            per_channel, sms, pdl, stream);
       case 32:
-        return launch_fp16<32>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
-                               pdl, stream);
+        return launch<half, 32, 4, true, 8>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
+                                            per_channel, sms, pdl, stream);
       case 64:
-        return launch_fp16<64>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
-                               pdl, stream);
-      case 256:
-        return launch<half, 256, 2, true, 6>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
-                                             per_channel, sms, pdl, stream);
+        return launch_tma<64, 4, 8>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel,
+                                    sms, pdl, stream);
+      case 128:
+        return launch_tma<128, 4, 8>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
+                                     per_channel, sms, pdl, stream);
       default:
-        return launch_fp16<128>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
-                                pdl, stream);
+        return launch_tma<256, 2, 6>(a16, qweight, s16, c16, scratch, scratch_bytes, m, n, k, lda, group,
+                                     per_channel, sms, pdl, stream);
     }
   }
   const __nv_bfloat16* ab = static_cast<const __nv_bfloat16*>(a);
   const __nv_bfloat16* sb = static_cast<const __nv_bfloat16*>(scales);
   __nv_bfloat16* cb = static_cast<__nv_bfloat16*>(c);
-  return mt == 64 ? launch<__nv_bfloat16, 64, 2, false, 8>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n, k,
-                                                                  lda, group, per_channel, sms, pdl, stream)
-                  : launch<__nv_bfloat16, 128, 2, false, 8>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n,
-                                                                   k, lda, group, per_channel, sms, pdl, stream);
+  return mt == 64 ? launch<__nv_bfloat16, 64, 2, false, 8>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n, k, lda,
+                                                           group, per_channel, sms, pdl, stream)
+                  : launch<__nv_bfloat16, 128, 2, false, 8>(ab, qweight, sb, cb, scratch, scratch_bytes, m, n, k, lda,
+                                                            group, per_channel, sms, pdl, stream);
 }
 
 }  // namespace sm90

@@ -30,8 +30,11 @@ HEADERS = (
     "marlin_sm90.h",
     "marlin_launch.cuh",
     "marlin_layout.cuh",
+    "marlin_plan.h",
     "marlin_ptx.cuh",
+    "marlin_tma.cuh",
     "marlin_wgmma.cuh",
+    "marlin_wgmma_tma.cuh",
 )
 EXTENSION_NAME = "marlin_cuda_ext"
 

@@ -3,6 +3,9 @@ flattened, the fake implementation gives the right shape, and bad inputs raise b
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -102,3 +105,15 @@ def test_kernel_available_is_false_without_cuda() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present; covered by tests/test_kernel_gpu.py")
     assert kernel.kernel_available() is False
+
+
+def test_csrc_holds_what_builds() -> None:
+    """csrc/ holds the extension's sources and headers (kernel.SOURCES, kernel.HEADERS) and nothing else,
+    and every header a source includes with quotes is one of them."""
+    csrc = Path(kernel.__file__).resolve().parent.parent / "csrc"
+    listed = set(kernel.SOURCES) | set(kernel.HEADERS)
+    present = {p.name for p in csrc.iterdir() if p.name not in ("__init__.py", "__pycache__")}
+    assert present == listed, f"unlisted: {sorted(present - listed)}, missing: {sorted(listed - present)}"
+    for name in listed:
+        for include in re.findall(r'#include "([^"]+)"', (csrc / name).read_text()):
+            assert include in kernel.HEADERS, f"{name} includes {include}, which is not in kernel.HEADERS"

@@ -20,7 +20,9 @@ pytestmark = [
 ]
 
 TOL = 1e-3
-M_SWEEP = (1, 2, 3, 7, 16, 17, 31, 64, 118, 128, 255, 1024)
+# m: each kernel configuration's edges (mma.sync: 8, 16, 32, 64 rows per launch; wgmma: row tiles of 16, 32,
+# 64, 128, 256 with a TMA producer for fp16 above 32 rows), partial row tiles, several row tiles.
+M_SWEEP = (1, 2, 3, 7, 16, 17, 31, 33, 64, 118, 128, 129, 255, 1024)
 # (K, N) of the unpadded matrix: tile edges (64), the built-in model's 576 x 192, odd multiples of 64.
 SMALL_SHAPES = ((64, 64), (576, 192), (192, 576), (128, 320), (640, 1088), (1344, 448))
 LARGE_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 1280))
@@ -88,7 +90,7 @@ def test_small_shapes(m: int, k: int, n: int, g: int, dtype: torch.dtype) -> Non
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("g", (128, -1, 32))
 @pytest.mark.parametrize("k,n", LARGE_SHAPES)
-@pytest.mark.parametrize("m", (1, 16, 17, 64, 118))
+@pytest.mark.parametrize("m", (1, 16, 17, 64, 118, 200, 512))
 def test_large_shapes(m: int, k: int, n: int, g: int, dtype: torch.dtype) -> None:
     _check(m, k, n, g, dtype)
 

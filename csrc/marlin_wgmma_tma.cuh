@@ -1,0 +1,270 @@
+// The Hopper fp16 kernel for m > 32 (row tiles of 64, 128 and 256): the wgmma kernel of marlin_wgmma.cu with
+// its stages filled by a TMA producer warpgroup (included by marlin_wgmma.cu).
+//
+// Same product, operand roles, work numbering (split and stream-k plans, marlin_plan.h), scratch format and
+// numerics as wgmma_kernel<half, MT, WG, SCALE_A = true>: the consumer warpgroups dequantize their own strip's
+// codes into register A fragments, scale them in 16 bits and issue register-A wgmmas against the activations
+// in shared memory. What differs is how the stages are filled and handed over:
+//  - one extra warpgroup, the producer, gives its registers to the consumers (setmaxnreg) and has one thread
+//    issue three tensor copies per 64-k tile (cp.async.bulk.tensor): the activations (box 64 k x MT rows,
+//    128-byte swizzle: the layout the wgmma B descriptor reads; rows past m come back as zeros), the codes
+//    (box of 4 k16 rows x the block's 64 WG 8-byte words, stored step-major: [k16 step][strip][lane]) and the
+//    scale rows (box of 64 WG columns x 1 or 2 group rows); columns past n come back as zeros;
+//  - full[s] (one arrival with the stage's byte count, completed by the copies) replaces the block barrier and
+//    the consumers' cp.async bookkeeping; empty[s] (one arrival per consumer warp, once the wgmmas that read
+//    the stage are complete) lets the producer refill it: STAGES - 1 tiles in flight instead of STAGES - 2,
+//    and no warpgroup waits for another.
+// The consumers' instruction stream loses the fetch (~55 instructions per tile at MT = 256) and the block
+// barrier; the copies cost the producer's one thread ~20 instructions per tile. Measured against the
+// cp.async wgmma kernel on an H100 (docs/kernel.md, round 6): 12% faster on the Llama-2-7B layers and 16-18%
+// on 70B at m = 64-128, 3-5% at m = 256-512, bit-identical outputs.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (the type only; the maps are encoded on the host)
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "marlin_layout.cuh"
+#include "marlin_ptx.cuh"
+#include "marlin_tma.cuh"
+#include "marlin_wgmma.cuh"
+
+namespace marlin {
+namespace sm90 {
+
+// Shared memory of one stage: activations, codes (step-major), scales; stage strides are multiples of 1024
+// bytes, as the 128-byte swizzle atoms of the wgmma B operand need.
+template <int MT, int WG>
+struct TmaLayout {
+  static constexpr int kA = MT * 128;           // activations: MT rows x 64 k, 128-byte swizzle (TMA)
+  static constexpr int kB = WG * 4 * 512;       // codes: [k16 step][strip][lane] 16-byte vectors
+  static constexpr int kS = 2 * (64 * WG) * 2;  // scales: up to two group rows x the block's columns
+  static constexpr int kStage = (kA + kB + kS + 1023) / 1024 * 1024;
+};
+
+// Threads, shared memory and registers. Warps are spread over the SM's four schedulers, each with a quarter of
+// the register file (16K registers), so a block of WG + 1 warpgroups gets kLaunch registers per thread at
+// launch (a lone producer warp would cost as much: 9 warps put 3 on one scheduler). The producer warpgroup
+// drops to kProducer with setmaxnreg and the consumers take what it gave back (setmaxnreg.inc can take
+// nothing else: asking for more blocks forever). WG = 4: consumers 112 registers; WG = 2: 232.
+template <int MT, int WG, int STAGES>
+struct TmaConfig {
+  static constexpr int kThreads = 128 * (WG + 1);  // consumer warpgroups + the producer warpgroup
+  static constexpr int kBars = STAGES * TmaLayout<MT, WG>::kStage;  // the mbarriers follow the stages
+  static constexpr int kSmem = kBars + 2 * STAGES * 8;
+  static constexpr int kLaunch = 16384 / (32 * (WG + 1)) / 8 * 8;
+  static constexpr int kProducer = WG >= 4 ? 24 : 40;
+  static constexpr int kConsumer = (kLaunch * (WG + 1) - kProducer) / WG / 8 * 8;
+  static_assert(kConsumer <= 256 && kProducer + kConsumer * WG <= kLaunch * (WG + 1), "register split");
+  static_assert(kSmem <= 227 * 1024, "shared memory of one block");
+};
+
+template <int MT,      // rows per block (the wgmma N): 64, 128 or 256
+          int WG,      // consumer warpgroups, one 64-column strip each
+          int STAGES>  // pipeline depth in 64-row k tiles (STAGES - 1 in flight)
+__global__ void __launch_bounds__(128 * (WG + 1), 1)
+    wgmma_tma_kernel(const __grid_constant__ CUtensorMap tm_a,  // A [m, k] fp16, box 64 x MT, 128-byte swizzle
+                     const __grid_constant__ CUtensorMap tm_b,  // codes [k/16, n] 8-byte words, box 64 WG x 4
+                     const __grid_constant__ CUtensorMap tm_s,  // scales [rows, n] fp16, box 64 WG x (1 or 2)
+                     half* __restrict__ c,                      // [m, n] output
+                     float* __restrict__ scratch,               // [grid, 2, MT, 64 * WG] fp32 partial sums
+                     int m,                                     // rows of A and C
+                     int n,                                     // columns of C, multiple of 64
+                     int k,                                     // depth, multiple of 64
+                     int group,                                 // rows per scale group: 32, 64, 128, or k
+                     int per_channel,                           // 1: scales use the per-channel permutation
+                     int m_tiles,                               // row tiles: ceil(m / MT)
+                     int splits,                                // split plan: k parts per unit; 0: stream-k
+                     int tiles_per_block) {                     // stream-k plan: k tiles of work per block
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tr = Traits<half>;
+  using L = TmaLayout<MT, WG>;
+  using C = TmaConfig<MT, WG, STAGES>;
+  constexpr int kTileN = 64 * WG;
+  constexpr int kAcc = MT / 2;  // accumulator registers per thread
+  extern __shared__ __align__(1024) uint8_t smem[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = (tid >> 5) & 3;
+  // The role index, uniform over each warp as far as the compiler can tell (wgmmas in code it cannot prove
+  // warpgroup-uniform are serialized by ptxas).
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int k_tiles = k / kTileK;
+  const int n_strips = n / 64;
+  const WorkRange range = work_range(blockIdx.x, splits, tiles_per_block, k_tiles,
+                                     m_tiles * ((n + kTileN - 1) / kTileN) * k_tiles);
+  const int w0 = range.w0, w1 = range.w1;
+  const int first_unit = w0 / k_tiles;
+  const bool group32 = !per_channel && group == 32;
+
+  const uint32_t sh = smem_addr(smem);
+  const uint32_t full0 = sh + C::kBars, empty0 = full0 + 8 * STAGES;
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, 4 * WG);
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();  // the only block-wide barrier: the roles part here
+  grid_dependency_wait();  // any input may be the previous kernel's output
+
+  if (wg == WG) {
+    // ---- Producer warpgroup: one thread issues the tensor copies ----
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(C::kProducer) : "memory");
+    if (tid == 128 * WG) {
+      prefetch_tensormap(&tm_a);
+      prefetch_tensormap(&tm_b);
+      prefetch_tensormap(&tm_s);
+      const uint32_t bytes = L::kA + L::kB + (group32 ? 2 : 1) * kTileN * 2;
+      const int group_shift = per_channel ? 31 : __ffs(group) - 1;  // scale row of k row r: r >> group_shift
+      int f_u = first_unit, f_kt = w0 - first_unit * k_tiles;
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int j = 0; j < w1 - w0; ++j) {
+        if (j >= STAGES) mbar_wait(empty0 + 8 * stage, phase ^ 1u);  // the consumers released its last fill
+        const uint32_t base = sh + stage * L::kStage, bar = full0 + 8 * stage;
+        mbar_arrive_expect_tx(bar, bytes);
+        const int m0 = (f_u % m_tiles) * MT, col = (f_u / m_tiles) * kTileN;
+        tma_load_2d(base, &tm_a, f_kt * kTileK, m0, bar);
+        tma_load_2d(base + L::kA, &tm_b, col, f_kt * 4, bar);
+        tma_load_2d(base + L::kA + L::kB, &tm_s, col, group32 ? 2 * f_kt : (f_kt * kTileK) >> group_shift, bar);
+        if (++f_kt == k_tiles) f_kt = 0, ++f_u;
+        if (++stage == STAGES) stage = 0, phase ^= 1u;
+      }
+    }
+    return;
+  }
+
+  // ---- Consumers ----
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(C::kConsumer) : "memory");
+  // This thread's A-fragment word of k16 step i: step-major codes, word `warp` of lane `lane`'s vector of
+  // strip wg, + i 512 WG bytes. Scales of its two rows of C^T: columns 16 warp + lane/4 (+8) of the strip.
+  const int col0 = 16 * warp + (lane >> 2);
+  const uint32_t w_off = L::kA + (wg * 32 + lane) * 16 + warp * 4;
+  const uint32_t s_off0 = L::kA + L::kB + 2 * (wg * 64 + scale_pos(col0, per_channel != 0));
+  const uint32_t s_off1 = L::kA + L::kB + 2 * (wg * 64 + scale_pos(col0 + 8, per_channel != 0));
+  auto load_scales = [&](int stage, int r, uint16_t& h0, uint16_t& h1) {  // group row r of a stage
+    const uint32_t base = sh + stage * L::kStage + r * (kTileN * 2);
+    h0 = lds16(base + s_off0);
+    h1 = lds16(base + s_off1);
+  };
+  float acc[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+  // End of this block's segment of unit u: to C if the segment is the whole unit, else to this block's
+  // scratch slot (0: its first unit, 1: its last). Element 4q + 2h + e of acc: column strip * 64 + col0 + 8h,
+  // row m0 + 8q + 2 (lane % 4) + e.
+  auto store = [&](int u, bool whole) {
+    const int strip = (u / m_tiles) * WG + wg;
+    if (strip >= n_strips) return;  // uniform over the warpgroup
+    const int m0 = (u % m_tiles) * MT;
+    const int row0 = 2 * (lane & 3);
+    float* slot = scratch + (static_cast<size_t>(blockIdx.x) * 2 + (u == first_unit ? 0 : 1)) * (MT * kTileN);
+#pragma unroll
+    for (int q = 0; q < kAcc / 4; ++q)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = row0 + 8 * q + e;
+        if (m0 + r < m) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float v = acc[4 * q + 2 * h + e];
+            if (whole) {
+              c[static_cast<size_t>(m0 + r) * n + strip * 64 + col0 + 8 * h] = Tr::from_float(v);
+            } else {
+              slot[r * kTileN + wg * 64 + col0 + 8 * h] = v;
+            }
+          }
+        }
+      }
+  };
+
+  int stage = 0;
+  uint32_t phase = 0;
+  int held = -1;  // stage of the tile whose wgmmas may still be in flight (not yet released)
+  int u = first_unit, kt = w0 - first_unit * k_tiles;
+  for (int w = w0; w < w1; ++u) {
+    const int seg_kt0 = kt;
+    const int seg_w1 = min(w1, (u + 1) * k_tiles);
+    bool fresh = true;  // the next wgmma starts a new sum (scale-d = 0)
+    for (; w < seg_w1; ++w, ++kt) {
+      mbar_wait(full0 + 8 * stage, phase);
+      const uint32_t base = sh + stage * L::kStage;
+      // kEarly (256 rows, 232 registers): this tile's codes are dequantized and its scales read while the
+      // previous tile's wgmmas still run; only the scale products, which write the A registers, wait for
+      // them. (Per channel the scales are applied at the end; kEarly then multiplies by 1.0, so that the A
+      // registers are always written after the wait: ptxas serializes the wgmmas if the dequantization
+      // writes them.)
+      constexpr bool kEarly = MT == 256;
+      uint32_t wq[4][4];  // dequantized q - 8 pairs, one set per k16 step
+      constexpr uint32_t kOnePair = 0x3C003C00u;
+      uint32_t s0p = kOnePair, s1p = kOnePair, s0q = kOnePair, s1q = kOnePair;
+      auto load_tile = [&]() {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) Tr::dequant(lds32(base + w_off + 512 * WG * i), wq[i]);
+        if (!per_channel) {
+          uint16_t h0, h1;
+          load_scales(stage, 0, h0, h1);
+          s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
+          if (group32) {
+            load_scales(stage, 1, h0, h1);
+            s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
+          }
+        }
+      };
+      if constexpr (kEarly) load_tile();
+      wgmma_wait<0>();
+      fence_registers(acc);
+      // The previous tile's wgmmas are complete: its stage goes back to the producer.
+      if (held >= 0 && lane == 0) mbar_arrive(empty0 + 8 * held);
+      if constexpr (!kEarly) load_tile();
+      uint32_t af[4][4];  // this tile's A fragments, one per k16 step
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (kEarly || !per_channel) {
+          const bool second = group32 && i >= 2;
+          const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
+          af[i][0] = Tr::mul(wq[i][0], s0), af[i][1] = Tr::mul(wq[i][2], s1);
+          af[i][2] = Tr::mul(wq[i][1], s0), af[i][3] = Tr::mul(wq[i][3], s1);
+        } else {
+          af[i][0] = wq[i][0], af[i][1] = wq[i][2], af[i][2] = wq[i][1], af[i][3] = wq[i][3];
+        }
+      }
+      const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
+      wgmma_fence();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wgmma_m64k16<half, MT>(acc, af[i], desc + 2 * i, fresh && i == 0 ? 0 : 1);
+      wgmma_commit();
+      fence_registers(acc);
+      held = stage;
+      fresh = false;
+      if (++stage == STAGES) stage = 0, phase ^= 1u;
+    }
+    if (w == w1) launch_dependents();
+    wgmma_wait<0>();
+    fence_registers(acc);
+    if (per_channel) {  // acc = scale * acc, with the scales of the last tile's stage (row 0)
+      uint16_t h0, h1;
+      load_scales(held, 0, h0, h1);
+      const float s0 = __half2float(__ushort_as_half(h0)), s1 = __half2float(__ushort_as_half(h1));
+#pragma unroll
+      for (int q = 0; q < kAcc / 4; ++q) {
+        acc[4 * q + 0] *= s0, acc[4 * q + 1] *= s0;
+        acc[4 * q + 2] *= s1, acc[4 * q + 3] *= s1;
+      }
+    }
+    if (lane == 0) mbar_arrive(empty0 + 8 * held);
+    held = -1;
+    store(u, seg_kt0 == 0 && kt == k_tiles);
+    kt = 0;
+  }
+#else
+  __trap();  // launched only when compiled() (sm_90a code present)
+#endif
+}
+
+}  // namespace sm90
+}  // namespace marlin

@@ -117,30 +117,64 @@ def test_library_compress_decodes_through_ours(g: int) -> None:
     assert torch.equal(state["weight_packed"], ct.encode(codes, scales, g, dtype=torch.float32)["weight_packed"])
 
 
-def _library_config_json(g: int, ignore: list[str]) -> dict:
-    """What ModelCompressor.update_config writes, built from the library's own pydantic classes."""
-    import compressed_tensors
-
-    qc = ctq.QuantizationConfig(config_groups={"group_0": _scheme(g)}, format="pack-quantized",
+def _library_config_json(g: int, ignore: list[str], version: str) -> dict:
+    """What ModelCompressor.update_config of the installed library writes, from its own pydantic classes."""
+    scheme = _scheme(g)
+    scheme.weights.observer = "memoryless_minmax"  # set explicitly, as llm-compressor does
+    qc = ctq.QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
                                 quantization_status="compressed", ignore=ignore)
-    return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
+    return {"version": version, "quant_method": "compressed-tensors",
             "sparsity_config": {}, "transform_config": {}, **qc.model_dump(exclude=["quant_method"])}
+
+
+_OMITTED_WHEN_UNSET = ("actorder", "block_structure", "scale_dtype", "zp_dtype", "observer_kwargs")
+
+
+def _without_unset(qc: dict) -> dict:
+    """Our dict as compressed-tensors >= 0.20 serializes it: explicit null/empty weight args left out."""
+    out = dict(qc, moe_sparsity_config=None)
+    out["config_groups"] = {
+        name: dict(grp, weights={k: v for k, v in grp["weights"].items()
+                                 if not (k in _OMITTED_WHEN_UNSET and v in (None, {}))})
+        for name, grp in qc["config_groups"].items()
+    }
+    return out
+
+
+# config.json's quantization_config written by llm-compressor 0.14.0.1 (compressed-tensors 0.19.0) for
+# oneshot(QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])) on a small Llama.
+LLM_COMPRESSOR_W4A16_G128 = {
+    "config_groups": {"group_0": {
+        "format": "pack-quantized", "input_activations": None, "output_activations": None, "targets": ["Linear"],
+        "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": 128, "num_bits": 4,
+                    "observer": "memoryless_minmax", "observer_kwargs": {}, "scale_dtype": None,
+                    "strategy": "group", "symmetric": True, "type": "int", "zp_dtype": None}}},
+    "format": "pack-quantized", "global_compression_ratio": None, "ignore": ["lm_head"], "kv_cache_scheme": None,
+    "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
+    "transform_config": {}, "version": "0.19.0",
+}
+
+
+def test_config_is_llm_compressor_output() -> None:
+    assert ct.quantization_config(128) == LLM_COMPRESSOR_W4A16_G128
 
 
 @pytest.mark.parametrize("g", GROUPS)
 def test_config_matches_library(g: int) -> None:
-    import compressed_tensors
-
-    ours = ct.quantization_config(g, version=compressed_tensors.__version__)
-    assert ours == _library_config_json(g, ["lm_head"])
-    assert list(ours) == list(_library_config_json(g, ["lm_head"]))
-    # It validates through the library and re-serializes to itself.
+    ours = ct.quantization_config(g)
+    # Validated by the installed library, it re-serializes to the library's own dump of the same scheme ...
     parsed = ctq.QuantizationConfig.model_validate(ours)
-    assert parsed.model_dump(exclude=["quant_method"]).items() <= ours.items()
+    expected = _library_config_json(g, ["lm_head"], ours["version"])
+    dump = {"version": ours["version"], "quant_method": "compressed-tensors", "sparsity_config": {},
+            "transform_config": {}, **parsed.model_dump(exclude=["quant_method"])}
+    assert dump == expected
+    # ... and differs from it only by the explicit nulls that compressed-tensors 0.20 leaves out.
+    assert _without_unset(ours) == expected
     # And through our own parser.
     scheme = ct.parse_config(ours, "config.json")
     assert (scheme.bits, scheme.group_size, scheme.symmetric, scheme.act_order) == (4, g, True, False)
     assert scheme.ignore == ("lm_head",) and scheme.targets == ("Linear",)
+    assert ct.parse_config(expected, "config.json") == scheme
 
 
 def test_config_loads_in_transformers() -> None:

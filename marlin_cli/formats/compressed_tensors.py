@@ -4,7 +4,8 @@ This is the format llm-compressor writes and vLLM / SGLang serve (``CompressedTe
 no file I/O, and the ``compressed-tensors`` package is not needed at run time (the tests use it as the
 oracle). Facts below were checked against compressed-tensors 0.20.1
 (``compressors/pack_quantized/{base,helpers}.py``, ``quantization/quant_args.py``,
-``compressors/model_compressors/model_compressor.py``) and vLLM's ``CompressedTensorsWNA16``.
+``compressors/model_compressors/model_compressor.py``), a checkpoint written by llm-compressor 0.14.0.1
+(compressed-tensors 0.19.0) and vLLM's ``CompressedTensorsWNA16``.
 
 Notation (``W`` is the layer weight [N, K], N = out_features, K = in_features, ``g`` the group size):
 
@@ -40,8 +41,9 @@ __all__ = [
     "which_layers_fail",
 ]
 
-CT_VERSION = "0.20.1"
-"""The compressed-tensors release whose config schema :func:`quantization_config` reproduces."""
+CT_VERSION = "0.19.0"
+"""The compressed-tensors release whose config.json output :func:`quantization_config` reproduces (the one
+llm-compressor 0.14.0.1 pins)."""
 
 ZERO_CODE = 8
 """Symmetric int4: code 8 dequantizes to 0 (the library's signed value ``q - 8``)."""
@@ -221,21 +223,27 @@ def quantization_config(
     ignore: list[str] | tuple[str, ...] = ("lm_head",),
     targets: list[str] | tuple[str, ...] = ("Linear",),
     actorder: str | None = None,
+    observer: str | None = "memoryless_minmax",
     version: str = CT_VERSION,
 ) -> dict[str, Any]:
     """The ``quantization_config`` entry of config.json, as llm-compressor writes it for symmetric W4A16.
 
-    Reproduces ``ModelCompressor.update_config`` of compressed-tensors 0.20.1: ``version``, ``quant_method``,
-    empty ``sparsity_config`` and ``transform_config``, then ``QuantizationConfig.model_dump()`` (keys left out
-    when unset: ``actorder``, ``observer``, ``block_structure``, ``scale_dtype``, ``zp_dtype``).
+    Field for field what llm-compressor 0.14.0.1 (with its pinned compressed-tensors 0.19.0) wrote for
+    ``QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])`` here: ``version``,
+    ``quant_method``, empty ``sparsity_config`` / ``transform_config``, then ``QuantizationConfig.model_dump()``
+    with explicit nulls (``actorder``, ``block_structure``, ``scale_dtype``, ``zp_dtype``). Newer
+    compressed-tensors (0.20) leaves those nulls out and adds ``moe_sparsity_config: null``; both parse the same.
+    llm-compressor writes config.json with ``json.dump(..., indent=2, sort_keys=True)``.
 
     Args:
         group_size: g > 0 (strategy ``group``) or -1 (strategy ``channel``, ``group_size`` null).
         ignore: module names left dense.
         targets: the config group's targets.
         actorder: None, or ``"weight"`` (act-order during calibration only; same tensors). ``"group"`` needs
-            ``weight_g_idx`` tensors and is refused here (removed from compressed-tensors).
-        version: the ``version`` field.
+            ``weight_g_idx`` tensors and is refused here (removed from compressed-tensors 0.20).
+        observer: informational for a compressed checkpoint (used only to re-calibrate); llm-compressor's
+            default for weights is ``"memoryless_minmax"``.
+        version: the ``version`` field (the compressed-tensors release that wrote it).
     """
     if group_size == -1:
         strategy, gs = "channel", None
@@ -246,35 +254,38 @@ def quantization_config(
     if actorder not in (None, "weight"):
         raise ValueError(f"actorder {actorder!r} cannot be written; use None or 'weight'")
     weights: dict[str, Any] = {
-        "num_bits": 4,
-        "type": "int",
-        "symmetric": True,
-        "group_size": gs,
-        "strategy": strategy,
+        "actorder": actorder,
+        "block_structure": None,
         "dynamic": False,
+        "group_size": gs,
+        "num_bits": 4,
+        "observer": observer,
+        "observer_kwargs": {},
+        "scale_dtype": None,
+        "strategy": strategy,
+        "symmetric": True,
+        "type": "int",
+        "zp_dtype": None,
     }
-    if actorder is not None:
-        weights["actorder"] = actorder
     return {
-        "version": version,
-        "quant_method": "compressed-tensors",
-        "sparsity_config": {},
-        "transform_config": {},
         "config_groups": {
             "group_0": {
-                "targets": list(targets),
-                "weights": weights,
+                "format": "pack-quantized",
                 "input_activations": None,
                 "output_activations": None,
-                "format": "pack-quantized",
+                "targets": list(targets),
+                "weights": weights,
             }
         },
-        "kv_cache_scheme": None,
         "format": "pack-quantized",
-        "quantization_status": "compressed",
         "global_compression_ratio": None,
         "ignore": list(ignore),
-        "moe_sparsity_config": None,
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": version,
     }
 
 

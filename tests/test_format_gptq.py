@@ -150,6 +150,8 @@ def test_asymmetric_zeros_are_refused() -> None:
         gptq.decode(t, 32, "v1", sym=False, name="L")
     with pytest.raises(MarlinError, match="L: scales has 8 groups, expected 4"):
         gptq.decode(t, 64, "v1", name="L")
+    with pytest.raises(MarlinError, match="L: K = 256 is not a multiple of the group size 96"):
+        gptq.decode(t, 96, "v1", name="L")
     with pytest.raises(MarlinError, match="L: qweight missing"):
         gptq.decode({"scales": t["scales"], "qzeros": t["qzeros"]}, 32, name="L")
     bad = t["g_idx"].clone()

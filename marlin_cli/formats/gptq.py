@@ -165,7 +165,9 @@ def decode(
         raise MarlinError(f"{name}: scales {scales.dtype} {tuple(scales.shape)} does not fit qweight "
                           f"{tuple(qweight.shape)} (expected [G, {n}])")
     groups = scales.shape[0]
-    expect_groups = 1 if group_size == -1 else (k // group_size if group_size > 0 and k % group_size == 0 else -1)
+    if group_size != -1 and (group_size <= 0 or k % group_size):
+        raise MarlinError(f"{name}: K = {k} is not a multiple of the group size {group_size}; not supported")
+    expect_groups = 1 if group_size == -1 else k // group_size
     if groups != expect_groups:
         raise MarlinError(f"{name}: scales has {groups} groups, expected {expect_groups} for K = {k} and "
                           f"group size {group_size}")

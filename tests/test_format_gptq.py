@@ -232,3 +232,38 @@ def test_encode_refuses_unwritable() -> None:
         gptq.encode(codes, scales, 32)
     with pytest.raises(ValueError, match="zero_format"):
         gptq.encode(codes, scales, 32, zero_format="v3")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("g,zero_format,desc_act", [(64, "v1", False), (64, "v2", False), (-1, "v1", False),
+                                                    (32, "v1", True)])
+def test_gptqmodel_torch_kernel_dequantizes_our_export(g: int, zero_format: str, desc_act: bool) -> None:
+    """GPTQModel's own torch backend as the oracle (only where gptqmodel is installed: it needs torch >= 2.14.1,
+    so not in the project venv; it passed in a throwaway venv with GPTQModel 7.7.0)."""
+    qlinear = pytest.importorskip("gptqmodel.nn_modules.qlinear.torch")
+    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+    n, k = 1536, 576
+    codes, scales = _random(n, k, g, seed=59)
+    t = gptq.encode(codes, scales, g, zero_format=zero_format)
+    g_idx = t["g_idx"].long()
+    if desc_act:
+        gen = torch.Generator().manual_seed(61)
+        order = torch.randperm(k, generator=gen)
+        g_idx = torch.empty(k, dtype=torch.int64)
+        g_idx[order] = torch.arange(k) // g
+        codes = codes[:, torch.argsort(torch.argsort(g_idx, stable=True))]  # column c gets sorted slot's codes
+        t = dict(gptq.encode(codes, scales, g, zero_format=zero_format), g_idx=g_idx.to(torch.int32))
+    lin = qlinear.TorchLinear(bits=4, group_size=g, sym=True, desc_act=desc_act, in_features=k, out_features=n,
+                              bias=False, pack_dtype=torch.int32)
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        getattr(lin, name).data.copy_(t[name])
+    if zero_format == "v1":
+        convert_gptq_v1_to_v2_format_module(lin, bits=4, pack_dtype=torch.int32)
+    lin.post_init()
+    lin.eval()
+    w = lin.dequantize_weight().double()
+    w = w.T if tuple(w.shape) == (k, n) else w
+    assert torch.equal(w, _dense(codes, scales, g_idx).half().double())
+    codes_s, scales_s, perm = gptq.decode(t, g, zero_format)
+    if desc_act:
+        assert perm is not None and torch.equal(codes_s, codes[:, perm])

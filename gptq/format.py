@@ -75,10 +75,16 @@ class PackedShape:
         return 1 if self.group_size == -1 else self.k_pad // self.group_size
 
 
+GROUP_SIZES = (32, 64, 128, -1)
+"""The group sizes the kernel supports (-1: one scale per output column). Python's one declaration of them:
+the CLI's choices, the settings' validation and the format checks all read this tuple."""
+
+
 def check_group_size(group_size: int) -> None:
-    """Raise ValueError unless ``group_size`` is one the kernel supports (32, 64, 128, or -1)."""
-    if group_size not in (32, 64, 128, -1):
-        raise ValueError(f"group size {group_size} is not supported: use 32, 64, 128 or -1 (per channel)")
+    """Raise ValueError unless ``group_size`` is one the kernel supports (:data:`GROUP_SIZES`)."""
+    if group_size not in GROUP_SIZES:
+        sizes = ", ".join(str(g) for g in GROUP_SIZES[:-1])
+        raise ValueError(f"group size {group_size} is not supported: use {sizes} or -1 (per channel)")
 
 
 def padded_shape(k: int, n: int, group_size: int) -> PackedShape:

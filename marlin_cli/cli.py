@@ -1,4 +1,5 @@
-"""Command-line entry point: ``marlin COMMAND``. Each command only parses options and calls one function."""
+"""Command-line entry point: ``marlin COMMAND``. Each command (``marlin_cli/commands/``) only parses options
+and calls one function of the pipeline or of eval."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import sys
 import click
 
 from marlin_cli import __version__
+from marlin_cli.commands.eval_ppl import eval_ppl_command
+from marlin_cli.commands.fetch_assets import fetch_assets_command
+from marlin_cli.commands.lm_eval import lm_eval_command
+from marlin_cli.commands.pack import pack_command
+from marlin_cli.commands.quantize import quantize_command
+from marlin_cli.commands.reproduce import reproduce_command
 from marlin_cli.errors import MarlinError
 
 
@@ -27,21 +34,9 @@ def main() -> None:
     """GPTQ 4-bit quantization to the Marlin kernel format, and honest perplexity evaluation."""
 
 
-from marlin_cli.cli_quantize import pack_command, quantize_command  # noqa: E402
-
-main.add_command(quantize_command)
-main.add_command(pack_command)
-
-from marlin_cli.cli_eval import eval_ppl_command, lm_eval_command  # noqa: E402
-from marlin_cli.cli_reproduce import reproduce_command  # noqa: E402
-
-main.add_command(eval_ppl_command)
-main.add_command(lm_eval_command)
-main.add_command(reproduce_command)
-
-from marlin_cli.cli_assets import fetch_assets_command  # noqa: E402
-
-main.add_command(fetch_assets_command)
+for command in (quantize_command, pack_command, eval_ppl_command, lm_eval_command, reproduce_command,
+                fetch_assets_command):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

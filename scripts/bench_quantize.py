@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from marlin_cli.quantize import QuantizeOptions, quantize
+from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
 
 ORIGINAL_SECONDS = {True: 268.0, False: 173.0}  # clip -> seconds, original GPTQ on this CPU (seed-facts.md)
 

@@ -16,7 +16,7 @@ def rtn_checkpoint(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) ->
     RTN with 2 calibration documents of 64 tokens: the calibration only feeds the error report, so the
     checkpoint is the same as with more; it is the cheapest real checkpoint the quantizer writes.
     """
-    from marlin_cli.quantize import QuantizeOptions, quantize
+    from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
 
     out = tmp_path_factory.getbasetemp() / "shared-rtn-g64"
     if not (out / "config.json").is_file():

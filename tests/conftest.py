@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from marlin_cli.assets import Assets, ensure_assets
+from marlin_cli.data.assets import Assets, ensure_assets
 from marlin_cli.errors import MarlinError
 
 

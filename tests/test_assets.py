@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from marlin_cli import assets as assets_mod
-from marlin_cli.assets import Assets, ensure_assets, sha256_file
+from marlin_cli.data import assets as assets_mod
+from marlin_cli.data.assets import Assets, ensure_assets, sha256_file
 from marlin_cli.errors import MarlinError
 
 

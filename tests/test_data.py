@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from marlin_cli import data
-from marlin_cli.data import calibration_samples, dataset_protocol, eval_documents, eval_stream
+from marlin_cli.data import corpora as data
+from marlin_cli.data.corpora import calibration_samples, dataset_protocol, eval_documents, eval_stream
 from marlin_cli.errors import MarlinError
 
 BOTCHAN_TOKENS = 70191  # SmolLM2 tokens of botchan.txt read in text mode, no BOS: 68 windows of 1024
@@ -275,7 +275,7 @@ def test_hub_offline_mode_through_the_real_loader(builtin_model_dir: Path) -> No
     """The real ``datasets.load_dataset`` path, with the hub switched off by its own setting."""
     code = (
         "from transformers import AutoTokenizer\n"
-        "from marlin_cli.data import eval_documents\n"
+        "from marlin_cli.data.corpora import eval_documents\n"
         "from marlin_cli.errors import MarlinError\n"
         f"tok = AutoTokenizer.from_pretrained({str(builtin_model_dir)!r})\n"
         "try:\n    eval_documents(tok, 'redpajama', 4, 128, 0)\n"

@@ -65,7 +65,7 @@ def make_model(folder: Path, text: str) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The fp16 model folder, its GPTQ g128 checkpoint, and the evaluation tokens [T]."""
-    from marlin_cli.quantize import QuantizeOptions, quantize
+    from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
 
     root = tmp_path_factory.mktemp("gpu_eval")
     text = corpus_text()
@@ -84,8 +84,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def ppl(path: Path, tokens: torch.Tensor, device: str, dtype: torch.dtype, seqlen: int) -> float:
     """Stream perplexity of the first WINDOWS windows, model loaded by ``load_model``."""
+    from marlin_cli.eval.perplexity import stream_perplexity
     from marlin_cli.loading import load_model
-    from marlin_cli.perplexity import stream_perplexity
 
     loaded = load_model(str(path), device=device, dtype=dtype)
     return stream_perplexity(loaded.model, tokens, seqlen, max_windows=WINDOWS, progress=False).ppl
@@ -130,7 +130,7 @@ def test_quantize_on_the_gpu_matches_the_cpu_quantization(setup: dict, tmp_path:
 
     from safetensors.torch import load_file
 
-    from marlin_cli.quantize import QuantizeOptions, quantize
+    from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
 
     cpu_dir = setup["int4"]
     cpu_rec = json.loads((cpu_dir / "marlin_run.json").read_text())

@@ -13,9 +13,11 @@ import torch
 from click.testing import CliRunner
 
 from marlin_cli.cli import main
-from marlin_cli.data import eval_documents, eval_stream
+from marlin_cli.data.corpora import eval_documents, eval_stream
 from marlin_cli.errors import MarlinError
-from marlin_cli.evaluate import measure, render_table, resolve_dtype, resolve_seqlen, summary_table
+from marlin_cli.eval.ppl import measure, resolve_seqlen, summary_table
+from marlin_cli.report import render_table
+from marlin_cli.runtime import resolve_dtype
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is optional: pip install 'marlin[
 import checkpoint_cache  # noqa: E402  (tests/checkpoint_cache.py)
 
 from marlin_cli.cli import main  # noqa: E402
-from marlin_cli.lm_eval_adapter import lm_eval_model, metric_rows  # noqa: E402
+from marlin_cli.eval.lm_eval_adapter import lm_eval_model, metric_rows  # noqa: E402
 from marlin_cli.loading import load_model  # noqa: E402
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"

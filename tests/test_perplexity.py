@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from marlin_cli.errors import MarlinError
-from marlin_cli.perplexity import documents_perplexity, stream_perplexity, stream_windows, token_nll
+from marlin_cli.eval.perplexity import documents_perplexity, stream_perplexity, stream_windows, token_nll
 
 
 class UniformModel(torch.nn.Module):

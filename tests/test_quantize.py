@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from gptq.solver import HessianAccumulator, relative_output_error
 from marlin_cli.cli import main
-from marlin_cli.data import calibration_samples
-from marlin_cli.evaluate import measure
+from marlin_cli.data.corpora import calibration_samples
+from marlin_cli.eval.ppl import measure
 from marlin_cli.loading import load_model
-from marlin_cli.quantize import QuantizeOptions, QuantizeResult, quantize
+from marlin_cli.pipeline.quantize import QuantizeOptions, QuantizeResult, quantize
 
 # Calibration for the GPTQ runs here: 32 Python-doc documents of at most 256 tokens (the product's default
 # for this model is 64 x 512; this is a quarter of the tokens, to keep the suite fast).
@@ -325,7 +325,7 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(builtin_mode
 
 def test_interrupted_run_leaves_no_checkpoint(builtin_model_dir: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import marlin_cli.quantize as q
+    import marlin_cli.pipeline.quantize as q
 
     real = q.write_tensors
 

@@ -10,10 +10,10 @@ import checkpoint_cache
 import pytest
 from click.testing import CliRunner
 
-from marlin_cli import reproduce as reproduce_mod
 from marlin_cli.cli import main
 from marlin_cli.errors import MarlinError
-from marlin_cli.reproduce import (
+from marlin_cli.eval import reproduce as reproduce_mod
+from marlin_cli.eval.reproduce import (
     ReproduceOptions,
     ReproductionFailed,
     apply_overrides,
@@ -21,8 +21,8 @@ from marlin_cli.reproduce import (
     raise_on_failure,
     reproduce,
 )
-from marlin_cli.reproduce_config import DatasetSpec, load_config
-from marlin_cli.reproduce_report import render_markdown
+from marlin_cli.eval.reproduce_config import DatasetSpec, load_config
+from marlin_cli.eval.reproduce_report import render_markdown
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

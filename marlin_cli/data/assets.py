@@ -33,6 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from marlin_cli.errors import MarlinError
 
 Log = Callable[[str], None]
@@ -337,9 +340,6 @@ def load_gguf_model(gguf_path: Path):
     ``embed_tokens`` (the file has no ``output.weight``). The model carries a ``quantization_config``
     of method "gguf", which makes ``save_pretrained`` refuse it; see :func:`_convert_gguf`.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -360,9 +360,6 @@ def _convert_gguf(gguf_path: Path, dest: Path, log: Log) -> None:
     ``embed_tokens`` and (b) reproduce the logits of the GGUF model rounded to float16, computed in
     float32, on a short input.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     src, tokenizer = load_gguf_model(gguf_path)
     cfg = src.config.to_dict()
     for key in (
@@ -410,9 +407,6 @@ def _check_converted(folder: Path, src, tokenizer) -> None:
 
     Rounds ``src``'s weights to float16 in place; ``src`` is not used afterwards.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     saved = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     if saved.lm_head.weight.data_ptr() != saved.model.embed_tokens.weight.data_ptr():
         raise MarlinError(f"converted model in {folder} does not tie lm_head to embed_tokens")

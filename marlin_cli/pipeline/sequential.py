@@ -27,8 +27,8 @@ from gptq.solver import (
     rtn_quantize,
 )
 from marlin_cli.errors import MarlinError
-from marlin_cli.models import ArchSpec, rebuild_rotary
-from marlin_cli.weights import WeightStore
+from marlin_cli.pipeline.models import ArchSpec, rebuild_rotary
+from marlin_cli.pipeline.weights import WeightStore
 
 
 @dataclass
@@ -187,7 +187,7 @@ def quantize_sequential(
     """Quantize every decoder layer of a meta-device ``model`` whose weights live in ``store``.
 
     Args:
-        model: a transformers causal LM built on the meta device (see :func:`marlin_cli.models.meta_model`).
+        model: a transformers causal LM built on the meta device (see :func:`marlin_cli.pipeline.models.meta_model`).
         store: the source model's tensors.
         spec: architecture names (layers, rotary, sequential groups).
         samples: calibration token ids, each [1, L].

@@ -1,4 +1,4 @@
-"""``marlin quantize`` and ``marlin pack``: option parsing only; the work is in quantize.py and pack.py."""
+"""``marlin quantize``: option parsing only; the work is :func:`marlin_cli.pipeline.quantize.quantize`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from pathlib import Path
 
 import click
 
-GROUP_SIZES = click.Choice(["32", "64", "128", "-1"])
+from gptq.format import GROUP_SIZES as _SIZES
+from marlin_cli.pipeline.models import arch_spec
+from marlin_cli.pipeline.quantize import QuantizeOptions, format_report, quantize
+
+GROUP_SIZES = click.Choice([str(g) for g in _SIZES])
+"""The kernel's group sizes (:data:`gptq.format.GROUP_SIZES`) as a click choice."""
 
 
 @click.command("quantize")
@@ -34,9 +39,6 @@ def quantize_command(model: str, out: Path, dataset: str | None, nsamples: int |
                      seed: int, group_size: str, damp: float, no_clip: bool, nearest: bool,
                      true_sequential: bool, skip_gq: bool, device: str, force: bool, quiet: bool) -> None:
     """Quantize MODEL (a local Hugging Face folder, a hub id, or `smollm2-135m`) to a Marlin checkpoint."""
-    from marlin_cli.models import arch_spec
-    from marlin_cli.quantize import QuantizeOptions, format_report, quantize
-
     opts = QuantizeOptions(model=model, out=out, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
                            group_size=int(group_size), damp=damp, clip=not no_clip, nearest=nearest,
                            true_sequential=true_sequential, skip_gq=skip_gq, device=device, force=force)
@@ -51,18 +53,3 @@ def quantize_command(model: str, out: Path, dataset: str | None, nsamples: int |
                f"{rec['method']} g{rec['group_size']}, {calibration})")
     click.echo(f"quantization {rec['quantize_seconds']:.1f} s, total {result.seconds:.1f} s, "
                f"peak memory {result.peak_rss_mb:.0f} MB")
-
-
-@click.command("pack")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--scales", "scales", type=click.Path(path_type=Path), required=True,
-              help="safetensors file with '<linear name>.scales' [out_features, groups] per quantized linear.")
-@click.option("--group-size", type=GROUP_SIZES, required=True, help="Input features per scale; -1 per channel.")
-@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to create.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def pack_command(model: Path, scales: Path, group_size: str, out: Path, force: bool) -> None:
-    """Pack a fake-quantized fp16 MODEL (weights already on a symmetric 4-bit grid) into a Marlin checkpoint."""
-    from marlin_cli.pack import pack_fake_quantized
-
-    out_dir, count = pack_fake_quantized(model, scales, int(group_size), out, force=force)
-    click.echo(f"wrote {out_dir} ({count} linears packed, g{group_size})")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from marlin_cli.evaluate import render_table
-from marlin_cli.reproduce_config import VARIANTS
+from marlin_cli.eval.reproduce_config import VARIANTS
+from marlin_cli.report import render_table
 
 LABELS = {"fp16": "fp16", "rtn": "RTN", "gptq": "GPTQ"}
 

@@ -1,4 +1,4 @@
-"""``marlin reproduce``: parse options, call :func:`marlin_cli.reproduce.reproduce`, print the table."""
+"""``marlin reproduce``: parse options, call :func:`marlin_cli.eval.reproduce.reproduce`, print the table."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from marlin_cli.reproduce import ReproduceOptions, raise_on_failure, reproduce
-from marlin_cli.reproduce_config import load_config
-from marlin_cli.reproduce_report import render_markdown
+from marlin_cli.eval.reproduce import ReproduceOptions, raise_on_failure, reproduce
+from marlin_cli.eval.reproduce_config import load_config
+from marlin_cli.eval.reproduce_report import render_markdown
 
 
 @click.command("reproduce")

@@ -117,7 +117,7 @@ def _config_text(name_or_path: str) -> tuple[str, str]:
     try:
         return resources.files("marlin_configs").joinpath(file).read_text(), f"configs/{file}"
     except (ModuleNotFoundError, FileNotFoundError):
-        local = Path(__file__).resolve().parents[1] / "configs" / file
+        local = Path(__file__).resolve().parents[2] / "configs" / file
         if local.is_file():
             return local.read_text(), f"configs/{file}"
     raise MarlinError(

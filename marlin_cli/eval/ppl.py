@@ -1,15 +1,13 @@
 """``marlin eval-ppl``: load a model or Marlin checkpoint, pick the dataset's protocol, measure perplexity.
 
 The protocol follows the dataset (``stream`` for WikiText-2-like corpora, ``documents`` for
-RedPajama-like ones, see :mod:`marlin_cli.perplexity`) and is named in every result, together with
+RedPajama-like ones, see :mod:`marlin_cli.eval.perplexity`) and is named in every result, together with
 everything needed to compare two numbers: the dataset's content hash, seqlen, the number of windows or
 documents, tokens scored, the model and checkpoint identity, device, dtype, seconds and library versions.
 """
 
 from __future__ import annotations
 
-import json
-import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +15,18 @@ from typing import Any
 
 import torch
 
-from marlin_cli import __version__
+from marlin_cli.data.corpora import dataset_protocol, eval_documents, eval_stream
 from marlin_cli.errors import MarlinError
-from marlin_cli.perplexity import PplResult, documents_perplexity, stream_perplexity
+from marlin_cli.eval.perplexity import PplResult, documents_perplexity, stream_perplexity
+from marlin_cli.loading import load_model
+from marlin_cli.report import render_table
+from marlin_cli.runtime import device_description, resolve_device, resolve_dtype, versions
 
-#: The original's evaluation length (seed-facts.md); smaller when the model's maximum is smaller.
+#: The original's evaluation length (the Marlin paper's Llama-2 tables use 4096-token sequences);
+#: smaller when the model's maximum is smaller.
 DEFAULT_SEQLEN = 4096
 #: The original's held-out RedPajama set: the first 1024 kept documents.
 DEFAULT_EVAL_DOCS = 1024
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -55,26 +56,6 @@ class EvalOptions:
     progress: bool = True
 
 
-def resolve_device(device: str | None) -> str:
-    """``device`` checked against what is present; ``None`` picks CUDA when available, else CPU."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MarlinError(f"--device {device} asked for, but no CUDA GPU is available here; use --device cpu")
-    if not device.startswith(("cpu", "cuda")):
-        raise MarlinError(f"--device must be cpu or cuda[:N]; got '{device}'")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """The compute dtype: ``auto`` is float16 on CUDA (the kernel's dtype) and float32 on CPU."""
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise MarlinError(f"--dtype must be auto or one of {', '.join(DTYPES)}; got '{dtype}'")
-    return DTYPES[dtype]
-
-
 def resolve_seqlen(seqlen: int | None, model: torch.nn.Module) -> int:
     """``seqlen``, or 4096 capped at the model's ``max_position_embeddings``; checked against that maximum."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -85,26 +66,6 @@ def resolve_seqlen(seqlen: int | None, model: torch.nn.Module) -> int:
     if limit is not None and seqlen > limit:
         raise MarlinError(f"--seqlen {seqlen} is longer than the model's maximum of {limit} positions")
     return seqlen
-
-
-def versions() -> dict[str, str]:
-    """Versions of what produced a number: marlin, python, torch, transformers, and the CUDA runtime."""
-    import transformers
-
-    return {
-        "marlin": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cuda": str(torch.version.cuda),
-    }
-
-
-def device_description(device: str) -> str:
-    """A human name for the device: the GPU's name, or the CPU and the number of torch threads."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def measure(
@@ -129,8 +90,6 @@ def measure(
     Returns:
         The :class:`PplResult` and the dataset's description (name, protocol, source, sha256, ...).
     """
-    from marlin_cli.data import dataset_protocol, eval_documents, eval_stream
-
     if dataset_protocol(dataset) == "stream":
         tokens, info = eval_stream(tokenizer, dataset)
         result = stream_perplexity(model, tokens, seqlen, max_windows=max_windows, progress=progress)
@@ -149,8 +108,6 @@ def _dataset_dict(info: Any) -> dict[str, Any]:
 
 def check_options(options: EvalOptions) -> None:
     """The checks that need no model (dataset name, bounds, seqlen floor), so bad input fails before loading."""
-    from marlin_cli.data import dataset_protocol
-
     dataset_protocol(options.dataset)
     if options.seqlen is not None and options.seqlen < 2:
         raise MarlinError(f"--seqlen must be at least 2; got {options.seqlen}")
@@ -168,8 +125,6 @@ def evaluate_perplexity(options: EvalOptions) -> dict[str, Any]:
         alias, quantization config, weight hashes), ``device``, ``dtype``, ``seconds`` (forward passes)
         and ``versions``.
     """
-    from marlin_cli.loading import load_model
-
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     check_options(options)
@@ -213,24 +168,6 @@ def record(
     return out
 
 
-def render_table(headers: list[str], rows: list[list[Any]], digits: int = 2) -> str:
-    """A markdown table (readable as plain text too); floats shown with ``digits`` decimals, ``None`` as ``—``."""
-
-    def cell(value: Any) -> str:
-        if value is None:
-            return "—"
-        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-    body = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
-    lines = [
-        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-    ]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in body]
-    return "\n".join(lines)
-
-
 def summary_table(rec: dict[str, Any]) -> str:
     """The table ``marlin eval-ppl`` prints for one record."""
     count = rec["windows"] if rec["protocol"] == "stream" else rec["documents"]
@@ -251,9 +188,3 @@ def summary_table(rec: dict[str, Any]) -> str:
         round(rec["seconds"], 1),
     ]
     return render_table(headers, [row]) + f"\n{rec['device_name']}, {rec['dtype']}"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, creating the parent folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

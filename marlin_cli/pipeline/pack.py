@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
 
 from gptq import format as fmt
-from marlin_cli.checkpoint import CheckpointWriter, check_output_dir, quantization_config
 from marlin_cli.errors import MarlinError
-from marlin_cli.models import arch_spec, resolve_model_dir
-from marlin_cli.weights import WeightStore
+from marlin_cli.formats import marlin
+from marlin_cli.formats.folder import CheckpointWriter, check_output_dir
+from marlin_cli.pipeline.export import write_tensors
+from marlin_cli.pipeline.models import arch_spec, resolve_model_dir
+from marlin_cli.pipeline.weights import WeightStore
 
 GRID_TOLERANCE = 0.02
 """Largest allowed distance of w / s from an integer, in grid steps. fp16 weights of magnitude up to 8 s are
@@ -69,10 +74,6 @@ def codes_from_grid(name: str, w: torch.Tensor, s: torch.Tensor, group_size: int
 def pack_fake_quantized(model: Path | str, scales_file: Path, group_size: int, out: Path,
                         force: bool = False) -> tuple[Path, int]:
     """Write a Marlin checkpoint from a fake-quantized model. Returns (checkpoint folder, linears packed)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
     try:
         fmt.check_group_size(group_size)
     except ValueError as err:
@@ -102,13 +103,11 @@ def pack_fake_quantized(model: Path | str, scales_file: Path, group_size: int, o
         raise MarlinError(f"{scales_file} holds no '<linear name>.scales' entries")
     config_dict = config.to_dict()
     config_dict["torch_dtype"] = "float16"
-    config_dict["quantization_config"] = quantization_config(group_size, "pack", list(matrices))
+    config_dict["quantization_config"] = marlin.quantization_config(group_size, "pack", list(matrices))
     record = {"source_model": str(model), "source_dir": str(model_dir), "scales_file": str(scales_file),
               "method": "pack", "group_size": group_size, "linears": len(matrices)}
-    from marlin_cli.quantize import write_tensors
-
     with CheckpointWriter(out, force=force) as writer:
-        write_tensors(writer, store, matrices, group_size)
+        write_tensors(writer, store, matrices, group_size, marlin)
         record["seconds"] = round(time.perf_counter() - start, 2)
         out_dir = writer.finish(config_dict, AutoTokenizer.from_pretrained(model_dir), record, source_dir=model_dir)
     return out_dir, len(matrices)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from marlin_cli.assets import ensure_assets
+from marlin_cli.data.assets import ensure_assets
 
 
 @click.command("fetch-assets")

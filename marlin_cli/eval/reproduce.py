@@ -16,17 +16,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from marlin_cli.data.corpora import dataset_protocol
 from marlin_cli.errors import MarlinError
-from marlin_cli.evaluate import (
-    device_description,
-    measure,
-    resolve_device,
-    resolve_dtype,
-    versions,
-    write_json,
-)
-from marlin_cli.reproduce_config import VARIANTS, DatasetSpec, ReproduceConfig
-from marlin_cli.reproduce_report import render_markdown
+from marlin_cli.eval.ppl import measure
+from marlin_cli.eval.reproduce_config import VARIANTS, DatasetSpec, ReproduceConfig
+from marlin_cli.eval.reproduce_report import render_markdown
+from marlin_cli.loading import load_model
+from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
+from marlin_cli.report import write_json
+from marlin_cli.runtime import device_description, resolve_device, resolve_dtype, versions
 
 
 @dataclass(frozen=True)
@@ -62,8 +60,6 @@ def apply_overrides(spec: DatasetSpec, options: ReproduceOptions) -> DatasetSpec
 
     Resolving the protocol also checks the dataset name before any long work starts.
     """
-    from marlin_cli.data import dataset_protocol
-
     stream = dataset_protocol(spec.name) == "stream"
     if stream and options.max_windows is not None:
         spec = replace(spec, max_windows=options.max_windows or None)
@@ -91,8 +87,6 @@ def _evaluate(
     Returns:
         ``{"identity": model identity, "datasets": {name: perplexity record}}``.
     """
-    from marlin_cli.loading import load_model
-
     loaded = load_model(path, device=device, dtype=dtype)
     out: dict[str, Any] = {"identity": loaded.identity, "datasets": {}}
     for spec in datasets:
@@ -126,8 +120,6 @@ def _quantize(
     Returns:
         ``{"path", "size_mb", "quantize_seconds", "calibration"}`` of the written checkpoint.
     """
-    from marlin_cli.quantize import QuantizeOptions, quantize
-
     cal, q = config.calibration, config.quantization
     nsamples, seqlen = (RTN_NSAMPLES, RTN_SEQLEN) if nearest else (cal.nsamples, cal.seqlen)
     result = quantize(

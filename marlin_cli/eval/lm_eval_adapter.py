@@ -7,7 +7,7 @@ ordinary ``transformers.PreTrainedModel`` with its tokenizer, to ``lm_eval.model
 
 From Python::
 
-    from marlin_cli.lm_eval_adapter import lm_eval_model
+    from marlin_cli.eval.lm_eval_adapter import lm_eval_model
     from marlin_cli.loading import load_model
     import lm_eval
 
@@ -21,13 +21,15 @@ with lm-eval 0.4.13).
 
 from __future__ import annotations
 
+import difflib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from marlin_cli.errors import MarlinError
-from marlin_cli.evaluate import device_description, resolve_device, resolve_dtype, versions
+from marlin_cli.loading import load_model
+from marlin_cli.runtime import device_description, resolve_device, resolve_dtype, versions
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class LmEvalOptions:
 def _require_lm_eval() -> Any:
     """The ``lm_eval`` module, or a MarlinError that says how to install it."""
     try:
+        # imported here: lm-eval is an optional dependency (marlin[eval]), and it takes seconds to import
         import lm_eval
         import lm_eval.models.huggingface  # noqa: F401 - HFLM lives here
     except ImportError as err:
@@ -92,7 +95,7 @@ def lm_eval_model(loaded: Any, batch_size: int = 1, max_length: int | None = Non
 def task_manager(include_path: Path | None) -> Any:
     """lm-eval's ``TaskManager`` with the built-in tasks plus the YAML tasks under ``include_path``."""
     _require_lm_eval()
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # optional dependency, checked just above
 
     if include_path is not None and not Path(include_path).is_dir():
         raise MarlinError(f"--include-path {include_path} is not a folder of task YAML files")
@@ -101,8 +104,6 @@ def task_manager(include_path: Path | None) -> Any:
 
 def check_tasks(manager: Any, tasks: tuple[str, ...]) -> None:
     """A MarlinError naming every task lm-eval does not know (with up to 5 close names each)."""
-    import difflib
-
     known = manager.all_tasks
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if not tasks:
@@ -146,8 +147,6 @@ def run_lm_eval(options: LmEvalOptions) -> dict[str, Any]:
         options.
     """
     lm_eval = _require_lm_eval()
-    from marlin_cli.loading import load_model
-
     manager = task_manager(options.include_path)
     check_tasks(manager, options.tasks)
     device = resolve_device(options.device)

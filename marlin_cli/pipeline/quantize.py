@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import platform
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
 
 from gptq import format as fmt
 from gptq.solver import GPTQConfig
-from marlin_cli.checkpoint import CheckpointWriter, check_output_dir, quantization_config
+from marlin_cli.data.corpora import calibration_samples, dataset_protocol
 from marlin_cli.errors import MarlinError
-from marlin_cli.models import BUILTIN_ALIASES, arch_spec, meta_model, resolve_model_dir
-from marlin_cli.sequential import LayerReport, quantize_nearest, quantize_sequential
-from marlin_cli.weights import WeightStore
+from marlin_cli.formats import marlin
+from marlin_cli.formats.folder import CheckpointWriter, check_output_dir
+from marlin_cli.pipeline.export import write_tensors
+from marlin_cli.pipeline.models import BUILTIN_ALIASES, arch_spec, meta_model, resolve_model_dir
+from marlin_cli.pipeline.sequential import LayerReport, quantize_nearest, quantize_sequential
+from marlin_cli.pipeline.weights import WeightStore
+from marlin_cli.runtime import peak_rss_mb, versions
 
 
 @dataclass
@@ -78,19 +82,6 @@ class QuantizeResult:
     """With ``keep_matrices``: full linear name -> QuantizedMatrix (codes uint8 [N, K], scales float32 [N, G])."""
 
 
-def _versions() -> dict:
-    import transformers
-
-    from marlin_cli import __version__
-
-    return {"marlin": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def quantize(options: QuantizeOptions, progress: bool = True, keep_matrices: bool = False) -> QuantizeResult:
     """Quantize ``options.model`` and write the Marlin checkpoint ``options.out``.
 
@@ -99,11 +90,6 @@ def quantize(options: QuantizeOptions, progress: bool = True, keep_matrices: boo
     Raises MarlinError for bad input (missing model, unsupported architecture, unknown dataset, existing
     output folder, failed Cholesky). The output folder appears only when complete.
     """
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoTokenizer
-
-    from marlin_cli.data import calibration_samples
-
     opts = options.resolved()
     check_output_dir(opts.out, opts.force)
     model_dir = resolve_model_dir(opts.model)
@@ -114,8 +100,6 @@ def quantize(options: QuantizeOptions, progress: bool = True, keep_matrices: boo
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     start = time.perf_counter()
     if opts.nearest:  # round to nearest needs no calibration data, but a bad dataset name is still an error
-        from marlin_cli.data import dataset_protocol
-
         dataset_protocol(opts.dataset)
         samples = []
     else:
@@ -151,7 +135,7 @@ def quantize(options: QuantizeOptions, progress: bool = True, keep_matrices: boo
     method = "rtn" if opts.nearest else "gptq"
     config_dict = config.to_dict()
     config_dict["torch_dtype"] = "float16"
-    config_dict["quantization_config"] = quantization_config(
+    config_dict["quantization_config"] = marlin.quantization_config(
         opts.group_size, method, list(result.matrices), damp=opts.damp, clip=opts.clip and not opts.nearest,
         true_sequential=opts.true_sequential, skip_gq=bool(skip))
     record = {
@@ -160,35 +144,15 @@ def quantize(options: QuantizeOptions, progress: bool = True, keep_matrices: boo
         "method": method, "damp": opts.damp, "clip": opts.clip and not opts.nearest,
         "true_sequential": opts.true_sequential, "skip_gq": bool(skip), "device": opts.device,
         "calibration_tokens": int(sum(s.numel() for s in samples)), "quantize_seconds": round(quant_seconds, 2),
-        "versions": _versions(), "layers": [asdict(r) for r in result.reports],
+        "versions": versions(), "layers": [asdict(r) for r in result.reports],
     }
     with CheckpointWriter(opts.out, force=opts.force) as writer:
-        write_tensors(writer, store, result.matrices, opts.group_size)
-        record["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        write_tensors(writer, store, result.matrices, opts.group_size, marlin)
+        record["peak_rss_mb"] = round(peak_rss_mb(), 1)
         out_dir = writer.finish(config_dict, tokenizer, record, source_dir=model_dir)
         size_mb = writer.total_bytes / 2**20
-    return QuantizeResult(out_dir, result.reports, time.perf_counter() - start, _peak_rss_mb(), size_mb, record,
+    return QuantizeResult(out_dir, result.reports, time.perf_counter() - start, peak_rss_mb(), size_mb, record,
                           result.matrices if keep_matrices else None)
-
-
-def write_tensors(writer: CheckpointWriter, store: WeightStore, matrices: dict, group_size: int) -> None:
-    """Copy every source tensor into ``writer``: quantized linears as Marlin tensors, the rest as fp16.
-
-    Args:
-        matrices: full linear name -> object with ``codes`` [N, K] (0..15) and ``scales`` [N, G].
-    """
-    for name in store.names():
-        module, _, leaf = name.rpartition(".")
-        if module in matrices and leaf == "weight":
-            qm = matrices[module]
-            qweight, scales, shape = fmt.pack(qm.codes.T.contiguous(), qm.scales.T.contiguous().to(torch.float16),
-                                              group_size)
-            writer.add(f"{module}.qweight", qweight)
-            writer.add(f"{module}.scales", scales)
-            writer.add(f"{module}.shape", torch.tensor([shape.k, shape.n], dtype=torch.int32))
-            continue
-        tensor = store.get(name)
-        writer.add(name, tensor.to(torch.float16) if tensor.is_floating_point() else tensor)
 
 
 def _cell(value: float | None) -> str:

@@ -51,12 +51,14 @@ class WeightStore:
         return sum(p.stat().st_size for p in set(self.files.values()))
 
     def materialize(self, root: nn.Module, prefix: str, device: torch.device | str, dtype: torch.dtype | None) -> None:
-        """Load every parameter and buffer of ``root.<prefix>`` that the folder holds, replacing meta tensors.
+        """Load every meta-device parameter and buffer of ``root.<prefix>`` that the folder holds.
+
+        Tensors already loaded (not on the meta device) are left as they are.
 
         Floating tensors are cast to ``dtype`` (when given); integer tensors keep their dtype.
         """
         module = root.get_submodule(prefix) if prefix else root
-        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        names = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         for name in names:
             full = f"{prefix}.{name}" if prefix else name
             if full not in self.files:

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoModelForCausalLM
+
+from marlin_cli.data.assets import builtin_model_dir
 from marlin_cli.errors import MarlinError
 
 BUILTIN_ALIASES = ("smollm2-135m",)
@@ -33,7 +38,7 @@ def _configs_text(name: str) -> str:
     try:
         return resources.files("marlin_configs").joinpath(name).read_text()
     except (ModuleNotFoundError, FileNotFoundError):
-        return (Path(__file__).resolve().parents[1] / "configs" / name).read_text()
+        return (Path(__file__).resolve().parents[2] / "configs" / name).read_text()
 
 
 def arch_spec(model_type: str) -> ArchSpec:
@@ -55,8 +60,6 @@ def resolve_model_dir(model: str) -> Path:
     Raises MarlinError when it is none of these or the hub cannot be reached.
     """
     if model in BUILTIN_ALIASES:
-        from marlin_cli.assets import builtin_model_dir
-
         return builtin_model_dir()
     path = Path(model).expanduser()
     if path.exists():
@@ -68,8 +71,6 @@ def resolve_model_dir(model: str) -> Path:
         raise MarlinError(f"model '{model}' is neither a local folder, a hub id (owner/name), "
                           f"nor one of {', '.join(BUILTIN_ALIASES)}")
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as err:  # the hub client raises many types (offline, 404, auth)
         raise MarlinError(f"could not fetch '{model}' from the Hugging Face Hub ({type(err).__name__}: {err}); "
@@ -78,9 +79,6 @@ def resolve_model_dir(model: str) -> Path:
 
 def meta_model(config):  # noqa: ANN001, ANN201 - transformers config / model types
     """An empty (meta-device) causal LM for ``config``: the module tree without memory, to be filled tensor by tensor."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()
@@ -91,8 +89,6 @@ def rebuild_rotary(model, spec: ArchSpec, device: str = "cpu") -> None:  # noqa:
     parent_name, _, child = spec.rotary.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, child)
-    import torch
-
     with torch.device(device):  # constructor signatures differ across transformers versions; config is common
         setattr(parent, child, type(old)(config=model.config))
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
+from marlin_cli.data import assets
 from marlin_cli.errors import MarlinError
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def _declarations() -> dict[str, Any]:
     try:
         text = (resources.files("marlin_configs") / "datasets.json").read_text()
     except (ModuleNotFoundError, FileNotFoundError):
-        text = (Path(__file__).resolve().parents[1] / "configs" / "datasets.json").read_text()
+        text = (Path(__file__).resolve().parents[2] / "configs" / "datasets.json").read_text()
     return json.loads(text)
 
 
@@ -147,7 +148,7 @@ def dataset_protocol(dataset: str) -> ProtocolName:
 def _load_hub(part: dict[str, Any]) -> Any:
     """``datasets.load_dataset`` for one declared split; a clear error when the hub is unreachable."""
     try:
-        import datasets
+        import datasets  # optional dependency (marlin[data]); only hub corpora need it
     except ImportError as err:
         raise MarlinError("hub datasets need the `datasets` package: pip install 'datasets>=2.19'") from err
     kwargs = {k: part[k] for k in ("name", "data_files") if k in part}
@@ -167,8 +168,6 @@ def _hub_source(part: dict[str, Any]) -> str:
 
 
 def _builtin_path(asset: str) -> Path:
-    from marlin_cli import assets
-
     return {"botchan": assets.botchan_path, "pydocs": assets.pydocs_dir}[asset]()
 
 
@@ -230,7 +229,7 @@ def _local_documents(path: Path, field: str) -> list[str]:
 
 def _parquet_documents(path: Path, field: str) -> list[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional dependency (comes with datasets); only .parquet needs it
     except ImportError as err:
         raise MarlinError(
             "reading .parquet needs pyarrow: pip install 'datasets>=2.19' (or pyarrow)"

@@ -1,0 +1,66 @@
+"""The machine a run happens on: device and dtype resolution, versions, memory. One owner for each.
+
+Every command that takes ``--device`` / ``--dtype`` resolves them here, and every record of a run
+(checkpoint run record, perplexity JSON, lm-eval JSON, reproduction table) takes its versions here.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+
+import torch
+import transformers
+
+from marlin_cli import __version__
+from marlin_cli.errors import MarlinError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` checked against what is present; ``None`` picks CUDA when available, else CPU."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith(("cpu", "cuda")):
+        raise MarlinError(f"--device must be cpu or cuda[:N]; got '{device}'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MarlinError(f"--device {device}: no CUDA device is visible here; use --device cpu")
+    return device
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float32 on the CPU (fp16 matmuls there are slow and inexact), float16 on a GPU (the kernel's dtype)."""
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """The compute dtype: ``auto`` is :func:`default_dtype`; else one of :data:`DTYPES`."""
+    if dtype == "auto":
+        return default_dtype(device)
+    if dtype not in DTYPES:
+        raise MarlinError(f"--dtype must be auto or one of {', '.join(DTYPES)}; got '{dtype}'")
+    return DTYPES[dtype]
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a number: marlin, python, torch, transformers, and the CUDA runtime."""
+    return {
+        "marlin": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def device_description(device: str) -> str:
+    """A human name for the device: the GPU's name, or the CPU and the number of torch threads."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -28,13 +28,18 @@ class CholeskyError(RuntimeError):
     """H (after every damping retry) is not positive definite; the message says what to change."""
 
 
+DEFAULT_DAMP = 0.1
+"""Hessian damping as a fraction of mean(diag H): GPTQ's reference code (Frantar et al., 2022) and IST-DASLab's
+Marlin use 0.1. The one declaration of it; ``marlin_cli.settings.QuantSettings`` takes its default from here."""
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     """How to quantize one matrix.
 
     Attributes:
         group_size: columns (input features) per scale; -1 = one scale per row (per channel).
-        damp: dampening added to H's diagonal, as a fraction of its mean (Marlin's GPTQ uses 0.1).
+        damp: dampening added to H's diagonal, as a fraction of its mean (:data:`DEFAULT_DAMP`).
         blocksize: columns per lazy-update block (a multiple of group_size).
         clip: group grid clipping (ignored per channel, as in the original).
         clip_grid: steps per unit of shrink in the clipping search.
@@ -43,7 +48,7 @@ class GPTQConfig:
     """
 
     group_size: int = 128
-    damp: float = 0.1
+    damp: float = DEFAULT_DAMP
     blocksize: int = 128
     clip: bool = True
     clip_grid: int = 100

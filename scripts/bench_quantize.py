@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
+from marlin_cli.pipeline.quantize import QuantizeJob, quantize
+from marlin_cli.settings import QuantSettings
 
 ORIGINAL_SECONDS = {True: 268.0, False: 173.0}  # clip -> seconds, original GPTQ on this CPU (seed-facts.md)
 
@@ -32,8 +33,8 @@ def main() -> None:
     clip = not args.no_clip
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = quantize(QuantizeOptions(model="smollm2-135m", out=Path(tmp) / "ckpt", group_size=args.group_size,
-                                       clip=clip), progress=True)
+        res = quantize(QuantizeJob(model="smollm2-135m", out=Path(tmp) / "ckpt",
+                                   settings=QuantSettings(group_size=args.group_size, clip=clip)), progress=True)
         wall = time.perf_counter() - t0
     per_layer: dict[str, float] = defaultdict(float)
     for r in res.reports:

@@ -9,27 +9,19 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from marlin_cli.pipeline.quantize import QuantizeJob, quantize
+from marlin_cli.settings import QuantSettings
+
 
 def rtn_checkpoint(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
     """Round-to-nearest g64 Marlin checkpoint of the model in ``model_dir``, cached in the session's temp root.
 
-    RTN with 2 calibration documents of 64 tokens: the calibration only feeds the error report, so the
-    checkpoint is the same as with more; it is the cheapest real checkpoint the quantizer writes.
+    Round to nearest reads no calibration data: it is the cheapest real checkpoint the quantizer writes.
     """
-    from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
-
     out = tmp_path_factory.getbasetemp() / "shared-rtn-g64"
     if not (out / "config.json").is_file():
-        options = QuantizeOptions(
-            model=str(model_dir),
-            out=out,
-            dataset="pydocs",
-            nsamples=2,
-            seqlen=64,
-            group_size=64,
-            nearest=True,
-        )
-        quantize(options, progress=False)
+        quantize(QuantizeJob(model=str(model_dir), out=out, settings=QuantSettings(group_size=64, nearest=True)),
+                 progress=False)
     return out
 
 

@@ -65,16 +65,16 @@ def make_model(folder: Path, text: str) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The fp16 model folder, its GPTQ g128 checkpoint, and the evaluation tokens [T]."""
-    from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
+    from marlin_cli.pipeline.quantize import QuantizeJob, quantize
+    from marlin_cli.settings import QuantSettings
 
     root = tmp_path_factory.mktemp("gpu_eval")
     text = corpus_text()
     (root / "corpus.txt").write_text(text)
     make_model(root / "fp16", text)
-    options = QuantizeOptions(
-        model=str(root / "fp16"), out=root / "int4", dataset=str(root / "corpus.txt"), nsamples=16, seqlen=256,
-        group_size=128, device="cpu",
-    )  # fmt: skip
+    options = QuantizeJob(model=str(root / "fp16"), out=root / "int4", settings=QuantSettings(
+        dataset=str(root / "corpus.txt"), nsamples=16, seqlen=256, group_size=128, device="cpu",
+    ))  # fmt: skip
     quantize(options, progress=False)
     from transformers import AutoTokenizer
 
@@ -130,14 +130,14 @@ def test_quantize_on_the_gpu_matches_the_cpu_quantization(setup: dict, tmp_path:
 
     from safetensors.torch import load_file
 
-    from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
+    from marlin_cli.pipeline.quantize import QuantizeJob, quantize
+    from marlin_cli.settings import QuantSettings
 
     cpu_dir = setup["int4"]
     cpu_rec = json.loads((cpu_dir / "marlin_run.json").read_text())
-    options = QuantizeOptions(
-        model=str(setup["fp16"]), out=tmp_path / "int4-cuda", dataset=cpu_rec["dataset"], nsamples=16, seqlen=256,
-        group_size=128, device="cuda",
-    )  # fmt: skip
+    options = QuantizeJob(model=str(setup["fp16"]), out=tmp_path / "int4-cuda", settings=QuantSettings(
+        dataset=cpu_rec["dataset"], nsamples=16, seqlen=256, group_size=128, device="cuda",
+    ))  # fmt: skip
     result = quantize(options, progress=False)
     gpu_rec = json.loads((result.out_dir / "marlin_run.json").read_text())
     assert gpu_rec["device"] == "cuda" and gpu_rec["calibration_tokens"] == cpu_rec["calibration_tokens"]

@@ -23,7 +23,8 @@ from marlin_cli.cli import main
 from marlin_cli.data.corpora import calibration_samples
 from marlin_cli.eval.ppl import measure
 from marlin_cli.loading import load_model
-from marlin_cli.pipeline.quantize import QuantizeOptions, QuantizeResult, quantize
+from marlin_cli.pipeline.quantize import QuantizeJob, QuantizeResult, quantize
+from marlin_cli.settings import QuantSettings
 
 # Calibration for the GPTQ runs here: 32 Python-doc documents of at most 256 tokens (the product's default
 # for this model is 64 x 512; this is a quarter of the tokens, to keep the suite fast).
@@ -91,14 +92,15 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def gptq_run(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
     """GPTQ with group grid clipping, g64, on the built-in model (kept codes and scales for the checks)."""
     out = tmp_path_factory.mktemp("gptq") / "clip"
-    return quantize(QuantizeOptions(model=str(builtin_model_dir), out=out, group_size=GROUP, **CALIB),
+    return quantize(QuantizeJob(model=str(builtin_model_dir), out=out, settings=QuantSettings(group_size=GROUP, **CALIB)),
                     progress=False, keep_matrices=True)
 
 
 @pytest.fixture(scope="module")
 def gptq_noclip_dir(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gptq") / "noclip"
-    return quantize(QuantizeOptions(model=str(builtin_model_dir), out=out, group_size=GROUP, clip=False, **CALIB),
+    return quantize(QuantizeJob(model=str(builtin_model_dir), out=out,
+                                settings=QuantSettings(group_size=GROUP, clip=False, **CALIB)),
                     progress=False).out_dir
 
 
@@ -336,7 +338,8 @@ def test_interrupted_run_leaves_no_checkpoint(builtin_model_dir: Path, tmp_path:
 
     monkeypatch.setattr(q, "write_tensors", write_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        quantize(QuantizeOptions(model=str(builtin_model_dir), out=tmp_path / "ckpt", nearest=True), progress=False)
+        quantize(QuantizeJob(model=str(builtin_model_dir), out=tmp_path / "ckpt", settings=QuantSettings(nearest=True)),
+                 progress=False)
     assert not (tmp_path / "ckpt").exists() and leftovers(tmp_path) == []
 
 

@@ -31,12 +31,12 @@ def test_shipped_configs_load_with_the_original_numbers_and_reasons() -> None:
     builtin = load_config("builtin")
     assert [d.name for d in builtin.datasets] == ["botchan", "pydocs"]
     assert all(d.seqlen == 1024 for d in builtin.datasets)
-    assert (builtin.calibration.dataset, builtin.calibration.nsamples, builtin.calibration.seqlen) == (
+    assert (builtin.settings.dataset, builtin.settings.nsamples, builtin.settings.seqlen) == (
         "pydocs",
         64,
         512,
     )
-    assert builtin.quantization.group_size == 64 and builtin.dtype == "float32"
+    assert builtin.settings.group_size == 64 and builtin.dtype == "float32"
     assert builtin.models[0].reference["botchan"] == {"fp16": 32.07, "rtn": 41.88, "gptq": 39.92}
     assert builtin.models[0].reference["pydocs"] == {"fp16": 11.01, "rtn": 15.89, "gptq": 13.23}
 
@@ -44,7 +44,7 @@ def test_shipped_configs_load_with_the_original_numbers_and_reasons() -> None:
     assert [m.name for m in llama.models] == ["Llama-2-7B", "Llama-2-13B", "Llama-2-70B"]
     assert llama.models[0].reference["wikitext2"] == {"fp16": 5.12, "gptq": 5.27}
     assert llama.models[2].reference["redpajama"] == {"fp16": 4.74, "gptq": 4.81}
-    assert llama.quantization.group_size == 128 and llama.calibration.nsamples == 256
+    assert llama.settings.group_size == 128 and llama.settings.nsamples == 256
     assert all(d.seqlen == 4096 for d in llama.datasets)
     for name in ("reproduce_builtin.json", "reproduce_llama2.json"):
         raw = json.loads((CONFIGS / name).read_text())

@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from gptq.format import GROUP_SIZES as _SIZES
+from marlin_cli.formats import FORMATS
 from marlin_cli.pipeline.models import arch_spec
-from marlin_cli.pipeline.quantize import QuantizeOptions, format_report, quantize
+from marlin_cli.pipeline.quantize import QuantizeJob, format_report, quantize
+from marlin_cli.settings import DEFAULTS, QuantSettings
 
 GROUP_SIZES = click.Choice([str(g) for g in _SIZES])
 """The kernel's group sizes (:data:`gptq.format.GROUP_SIZES`) as a click choice."""
@@ -23,26 +25,31 @@ GROUP_SIZES = click.Choice([str(g) for g in _SIZES])
                    ".txt/.jsonl/.json/.parquet file. Default: pydocs for the built-in model, else redpajama.")
 @click.option("--nsamples", type=int, default=None, help="Calibration samples (default 64 built-in, else 256).")
 @click.option("--seqlen", type=int, default=None, help="Max tokens per sample (default 512 built-in, else 4096).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for shuffling and window sampling.")
-@click.option("--group-size", type=GROUP_SIZES, default="128", show_default=True,
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
+              help="Seed for shuffling and window sampling.")
+@click.option("--group-size", type=GROUP_SIZES, default=str(DEFAULTS.group_size), show_default=True,
               help="Input features per scale; -1 = one scale per output channel.")
-@click.option("--damp", type=float, default=0.1, show_default=True, help="Hessian damping, fraction of mean(diag H).")
+@click.option("--damp", type=float, default=DEFAULTS.damp, show_default=True,
+              help="Hessian damping, fraction of mean(diag H).")
 @click.option("--no-clip", is_flag=True, help="Disable group grid clipping (each group's scale just covers its weights).")
-@click.option("--nearest", is_flag=True, help="Round-to-nearest baseline instead of GPTQ.")
+@click.option("--nearest", is_flag=True, help="Round-to-nearest baseline instead of GPTQ (reads no calibration data).")
 @click.option("--true-sequential", is_flag=True,
               help="Quantize q/k/v, then o, then gate/up, then down, each on the outputs of the quantized ones.")
 @click.option("--skip-gq", is_flag=True, help="Keep k_proj/v_proj in fp16 for grouped-query-attention models.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--format", "format_", type=click.Choice(list(FORMATS)), default=DEFAULTS.format, show_default=True,
+              help="Checkpoint format.")
+@click.option("--device", default=DEFAULTS.device, show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-layer table.")
 def quantize_command(model: str, out: Path, dataset: str | None, nsamples: int | None, seqlen: int | None,
                      seed: int, group_size: str, damp: float, no_clip: bool, nearest: bool,
-                     true_sequential: bool, skip_gq: bool, device: str, force: bool, quiet: bool) -> None:
+                     true_sequential: bool, skip_gq: bool, format_: str, device: str, force: bool,
+                     quiet: bool) -> None:
     """Quantize MODEL (a local Hugging Face folder, a hub id, or `smollm2-135m`) to a Marlin checkpoint."""
-    opts = QuantizeOptions(model=model, out=out, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                           group_size=int(group_size), damp=damp, clip=not no_clip, nearest=nearest,
-                           true_sequential=true_sequential, skip_gq=skip_gq, device=device, force=force)
-    result = quantize(opts, progress=not quiet)
+    settings = QuantSettings(dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                             group_size=int(group_size), damp=damp, clip=not no_clip, nearest=nearest,
+                             true_sequential=true_sequential, skip_gq=skip_gq, format=format_, device=device)
+    result = quantize(QuantizeJob(model=model, out=out, settings=settings, force=force), progress=not quiet)
     rec = result.record
     if not quiet:
         spec_linears = arch_spec(json.loads((result.out_dir / "config.json").read_text())["model_type"]).linears

@@ -22,7 +22,7 @@ from marlin_cli.eval.ppl import measure
 from marlin_cli.eval.reproduce_config import VARIANTS, DatasetSpec, ReproduceConfig
 from marlin_cli.eval.reproduce_report import render_markdown
 from marlin_cli.loading import load_model
-from marlin_cli.pipeline.quantize import QuantizeOptions, quantize
+from marlin_cli.pipeline.quantize import QuantizeJob, quantize
 from marlin_cli.report import write_json
 from marlin_cli.runtime import device_description, resolve_device, resolve_dtype, versions
 
@@ -120,33 +120,16 @@ def _quantize(
     Returns:
         ``{"path", "size_mb", "quantize_seconds", "calibration"}`` of the written checkpoint.
     """
-    cal, q = config.calibration, config.quantization
-    nsamples, seqlen = (RTN_NSAMPLES, RTN_SEQLEN) if nearest else (cal.nsamples, cal.seqlen)
-    result = quantize(
-        QuantizeOptions(
-            model=model_path,
-            out=out,
-            dataset=cal.dataset,
-            nsamples=nsamples,
-            seqlen=seqlen,
-            seed=cal.seed,
-            group_size=q.group_size,
-            damp=q.damp,
-            clip=q.clip,
-            nearest=nearest,
-            true_sequential=q.true_sequential,
-            skip_gq=q.skip_gq,
-            device=device,
-            force=True,
-        ),
-        progress=progress,
-    )
+    settings = replace(config.settings, nearest=nearest, device=device)
+    result = quantize(QuantizeJob(model=model_path, out=out, settings=settings, force=True), progress=progress)
     folder = Path(result.out_dir)
+    s = settings
     return {
         "path": str(folder),
         "size_mb": checkpoint_megabytes(folder),
         "quantize_seconds": result.seconds,
-        "calibration": f"{cal.dataset} {nsamples} x {seqlen} tokens, seed {cal.seed}",
+        "calibration": f"{s.dataset} {RTN_NSAMPLES if nearest else s.nsamples} x "
+        f"{RTN_SEQLEN if nearest else s.seqlen} tokens, seed {s.seed}",
     }
 
 
@@ -176,7 +159,7 @@ def run_model(
             )
             target = entry["checkpoint"]["path"]
         entry.update(
-            _evaluate(target, datasets, config.calibration.seed, device, dtype, options.progress, log)
+            _evaluate(target, datasets, config.settings.seed, device, dtype, options.progress, log)
         )
         entry["seconds"] = time.perf_counter() - start
         row["variants"][variant] = entry
@@ -242,8 +225,7 @@ def reproduce(config: ReproduceConfig, options: ReproduceOptions, log: Callable[
         "description": config.description,
         "reference_source": config.reference_source,
         "datasets": [vars(d) for d in datasets],
-        "calibration": vars(config.calibration),
-        "quantization": vars(config.quantization),
+        "settings": config.settings.to_dict(),
         "dtype": str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
         "device": device,
         "device_name": device_description(device),

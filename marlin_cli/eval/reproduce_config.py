@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from marlin_cli.errors import MarlinError
+from marlin_cli.settings import FIELDS, QuantSettings
 
 VARIANTS = ("fp16", "rtn", "gptq")
 """Columns of the table: the unquantized model, round-to-nearest int4, GPTQ int4 (same group size)."""
@@ -39,25 +40,11 @@ class DatasetSpec:
     max_docs: int | None = None
 
 
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """The calibration set passed to ``marlin quantize``."""
-
-    dataset: str
-    nsamples: int
-    seqlen: int
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """Quantizer settings shared by the RTN and GPTQ columns."""
-
-    group_size: int
-    damp: float = 0.1
-    clip: bool = True
-    true_sequential: bool = False
-    skip_gq: bool = False
+CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed")
+"""Settings the config's ``calibration`` section holds (the first three are required)."""
+QUANTIZATION_KEYS = tuple(k for k in FIELDS if k not in (*CALIBRATION_KEYS, "device", "nearest"))
+"""Settings the config's ``quantization`` section may hold (``group_size`` is required). The device comes from
+the command line; ``nearest`` is the RTN column's own."""
 
 
 @dataclass(frozen=True)
@@ -70,14 +57,17 @@ class Checks:
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    """A whole reproduction: rows (models), datasets, calibration, quantizer settings and checks."""
+    """A whole reproduction: rows (models), datasets, quantizer settings (calibration included) and checks.
+
+    ``settings`` is the config's ``calibration`` and ``quantization`` sections read into one
+    :class:`QuantSettings`; the RTN and GPTQ columns are made from it (RTN with ``nearest=True``).
+    """
 
     name: str
     description: str
     models: tuple[ModelSpec, ...]
     datasets: tuple[DatasetSpec, ...]
-    calibration: CalibrationSpec
-    quantization: QuantSpec
+    settings: QuantSettings
     checks: Checks
     dtype: str = "auto"
     reference_source: str = ""
@@ -152,13 +142,36 @@ def load_config(name_or_path: str) -> ReproduceConfig:
         description=top.get("description", ""),
         models=models,
         datasets=datasets,
-        calibration=_build(CalibrationSpec, top["calibration"], "calibration"),
-        quantization=_build(QuantSpec, top["quantization"], "quantization"),
+        settings=_settings(top["calibration"], top["quantization"], source),
         checks=_build(Checks, top["checks"], "checks"),
         dtype=top.get("dtype", "auto"),
         reference_source=top.get("reference_source", ""),
         source_path=source,
     )
+
+
+def _section(raw: Any, what: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
+    """One settings section without ``_reason`` keys, its keys checked against ``allowed`` and ``required``."""
+    if not isinstance(raw, dict):
+        raise MarlinError(f"reproduce config: {what} must be a JSON object")
+    clean = {k: v for k, v in raw.items() if not k.startswith("_")}
+    unknown = set(clean) - set(allowed)
+    if unknown:
+        raise MarlinError(f"reproduce config: unknown key(s) {sorted(unknown)} in {what}; known: {sorted(allowed)}")
+    missing = [k for k in required if k not in clean]
+    if missing:
+        raise MarlinError(f"reproduce config: {what} lacks {missing}")
+    return clean
+
+
+def _settings(calibration: Any, quantization: Any, source: str) -> QuantSettings:
+    """The ``calibration`` and ``quantization`` sections loaded into one :class:`QuantSettings`."""
+    cal = _section(calibration, "calibration", CALIBRATION_KEYS, CALIBRATION_KEYS[:3])
+    quant = _section(quantization, "quantization", QUANTIZATION_KEYS, ("group_size",))
+    try:
+        return QuantSettings.from_dict({**cal, **quant}, f"reproduce config {source}")
+    except TypeError as err:
+        raise MarlinError(f"reproduce config {source}: {err}") from err
 
 
 @dataclass(frozen=True)

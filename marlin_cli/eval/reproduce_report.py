@@ -68,7 +68,7 @@ def timing_table(record: dict[str, Any]) -> str:
 
 def render_markdown(record: dict[str, Any]) -> str:
     """The whole report for README or CI logs."""
-    cal, q = record["calibration"], record["quantization"]
+    q = record["settings"]
     checks = render_table(
         ["model", "dataset", "check", "result", "detail"],
         [
@@ -81,8 +81,8 @@ def render_markdown(record: dict[str, Any]) -> str:
             f"## Reproduction `{record['config']}` ({record['config_path']})",
             record["description"],
             f"Perplexity (lower is better). int4 symmetric, group size {q['group_size']}, damping {q['damp']}, "
-            f"clipping {'on' if q['clip'] else 'off'}; calibration {cal['dataset']} {cal['nsamples']} x "
-            f"{cal['seqlen']} tokens, seed {cal['seed']}. Evaluated in {record['dtype']} on {record['device_name']}. "
+            f"clipping {'on' if q['clip'] else 'off'}; calibration {q['dataset']} {q['nsamples']} x "
+            f"{q['seqlen']} tokens, seed {q['seed']}. Evaluated in {record['dtype']} on {record['device_name']}. "
             f"'(orig)' columns: {record['reference_source']}. RTN reads no calibration data; its checkpoint "
             f"was made with {record['rows'][0]['variants']['rtn']['checkpoint'].get('calibration', '?')} "
             "only for the quantizer's error report. MB = 10^6 bytes of safetensors.",

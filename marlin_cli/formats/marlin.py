@@ -14,12 +14,16 @@ This module is the Marlin codec of the :mod:`marlin_cli.formats` interface.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from gptq import format as fmt
 from marlin_cli.errors import MarlinError
 from marlin_cli.formats.base import LinearShape, PackedLinear, QuantizedLinear, TensorSource
+
+if TYPE_CHECKING:  # settings imports the format registry, which imports this module
+    from marlin_cli.settings import QuantSettings
 
 NAME = "marlin"
 QUANT_METHOD = "marlin"
@@ -44,18 +48,16 @@ def encode(linear: QuantizedLinear) -> dict[str, torch.Tensor]:
             f"{linear.name}.shape": torch.tensor([shape.k, shape.n], dtype=torch.int32)}
 
 
-def quantization_config(group_size: int, method: str, modules: Sequence[str], **extra: object) -> dict:
-    """The ``quantization_config`` entry of config.json.
+def quantization_config(settings: QuantSettings, modules: Sequence[str]) -> dict:
+    """The ``quantization_config`` entry of config.json: the format's keys, then every setting of the run.
 
     Args:
-        group_size: one of ``gptq.format.GROUP_SIZES``.
-        method: "gptq" or "rtn" (round to nearest) or "pack" (packed from fake-quantized weights).
+        settings: the run's resolved settings (``method`` is "gptq" or "rtn"; ``marlin pack`` sets "pack").
         modules: full names of the quantized linears (everything else is fp16).
-        extra: further facts to record (damp, clip, ...).
     """
-    return {"quant_method": QUANT_METHOD, "format": NAME, "format_version": FORMAT_VERSION, "bits": 4,
-            "group_size": group_size, "sym": True, "desc_act": False, "zero_point": 8, "method": method,
-            "modules": sorted(modules), **extra}
+    return {**settings.to_dict(), "quant_method": QUANT_METHOD, "format": NAME, "format_version": FORMAT_VERSION,
+            "sym": settings.symmetric, "desc_act": settings.act_order, "zero_point": 8,
+            "method": settings.method, "modules": sorted(modules)}
 
 
 def recognizes(qc: dict) -> bool:

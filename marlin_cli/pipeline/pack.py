@@ -18,13 +18,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
-from gptq import format as fmt
 from marlin_cli.errors import MarlinError
 from marlin_cli.formats import marlin
 from marlin_cli.formats.folder import CheckpointWriter, check_output_dir
 from marlin_cli.pipeline.export import write_tensors
 from marlin_cli.pipeline.models import arch_spec, resolve_model_dir
 from marlin_cli.pipeline.weights import WeightStore
+from marlin_cli.settings import QuantSettings
+
+SOLVER_ONLY = ("damp", "clip", "clip_grid", "clip_max_shrink", "act_order", "dataset", "nsamples", "seqlen", "seed",
+               "device", "true_sequential", "skip_gq", "nearest")
+"""Settings that describe a quantizer run; ``pack`` runs none, so its ``quantization_config`` leaves them out."""
 
 GRID_TOLERANCE = 0.02
 """Largest allowed distance of w / s from an integer, in grid steps. fp16 weights of magnitude up to 8 s are
@@ -74,10 +78,7 @@ def codes_from_grid(name: str, w: torch.Tensor, s: torch.Tensor, group_size: int
 def pack_fake_quantized(model: Path | str, scales_file: Path, group_size: int, out: Path,
                         force: bool = False) -> tuple[Path, int]:
     """Write a Marlin checkpoint from a fake-quantized model. Returns (checkpoint folder, linears packed)."""
-    try:
-        fmt.check_group_size(group_size)
-    except ValueError as err:
-        raise MarlinError(f"--group-size: {err}") from err
+    settings = QuantSettings(group_size=group_size)  # checks the group size
     out = Path(out)
     check_output_dir(out, force)
     model_dir = resolve_model_dir(str(model))
@@ -103,7 +104,10 @@ def pack_fake_quantized(model: Path | str, scales_file: Path, group_size: int, o
         raise MarlinError(f"{scales_file} holds no '<linear name>.scales' entries")
     config_dict = config.to_dict()
     config_dict["torch_dtype"] = "float16"
-    config_dict["quantization_config"] = marlin.quantization_config(group_size, "pack", list(matrices))
+    qc = marlin.quantization_config(settings, list(matrices))
+    for key in SOLVER_ONLY:
+        del qc[key]
+    config_dict["quantization_config"] = {**qc, "method": "pack"}
     record = {"source_model": str(model), "source_dir": str(model_dir), "scales_file": str(scales_file),
               "method": "pack", "group_size": group_size, "linears": len(matrices)}
     with CheckpointWriter(out, force=force) as writer:

@@ -46,6 +46,13 @@ class WeightStore:
         with safe_open(self.files[name], framework="pt") as f:
             return f.get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, read from the shard's header (no data is read)."""
+        if name not in self.files:
+            raise MarlinError(f"tensor '{name}' is missing from {self.model_dir}; the checkpoint is incomplete")
+        with safe_open(self.files[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
     def total_bytes(self) -> int:
         """Size on disk of all shard files."""
         return sum(p.stat().st_size for p in set(self.files.values()))

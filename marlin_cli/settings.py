@@ -1,0 +1,156 @@
+"""The settings of a quantization run, in one typed object: defaults and validation live here, once.
+
+``marlin quantize`` builds a :class:`QuantSettings` from its options, ``marlin reproduce`` loads its config's
+``calibration`` and ``quantization`` sections into one, the checkpoint's ``quantization_config`` and its run
+record serialize it (:meth:`QuantSettings.to_dict`), and the solver gets the part it needs
+(:meth:`QuantSettings.gptq_config`). Model-dependent defaults (the built-in model calibrates on less data than
+a 7B model) are filled in by :meth:`QuantSettings.resolved`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from gptq import format as fmt
+from gptq.solver import DEFAULT_DAMP, GPTQConfig
+from marlin_cli.errors import MarlinError
+from marlin_cli.formats import FORMATS
+from marlin_cli.pipeline.models import BUILTIN_ALIASES
+from marlin_cli.runtime import resolve_device
+
+DEFAULT_GROUP_SIZE = 128
+"""Input features per scale unless asked otherwise (the Marlin paper's and vLLM's default for 4-bit)."""
+
+CALIBRATION_DEFAULTS = {
+    "builtin": ("pydocs", 64, 512),
+    "other": ("redpajama", 256, 4096),
+}
+"""(dataset, nsamples, seqlen) when not given: the built-in model calibrates on 64 Python-doc documents of at
+most 512 tokens; other models on 256 RedPajama documents of at most 4096 tokens (the original's setting)."""
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How to quantize a model. Every field has its one default and its one check here.
+
+    Attributes:
+        bits: bits per weight; 4 is the only width the Marlin kernel reads.
+        group_size: input features per scale, one of ``gptq.format.GROUP_SIZES`` (-1: per output channel).
+        symmetric: symmetric grid ``W = (q - 8) * s``; the only grid the kernel reads.
+        damp: Hessian damping as a fraction of mean(diag H) (GPTQ's and Marlin's 0.1).
+        clip: group grid clipping: each group's scale is shrunk by the factor p (of :attr:`clip_factors`)
+            that minimises the Hessian-weighted error.
+        clip_grid, clip_max_shrink: the clipping grid p = 1.00, 0.99, ... (``clip_grid`` steps per unit,
+            down to ``1 - clip_max_shrink + 1 / clip_grid`` = 0.26).
+        act_order: quantize columns in order of decreasing Hessian diagonal; reserved (must be False: the
+            kernel here has no input-feature permutation).
+        dataset, nsamples, seqlen: calibration data; ``None``: the model's default (see :meth:`resolved`).
+        seed: seed for shuffling documents and placing windows.
+        format: checkpoint format, a name in :data:`marlin_cli.formats.FORMATS`.
+        device: where the layers run (``cpu``, ``cuda``, ``cuda:N``).
+        true_sequential: quantize q/k/v, then o, then gate/up, then down, each on the quantized ones' outputs.
+        skip_gq: keep k_proj/v_proj in fp16 for grouped-query-attention models.
+        nearest: round to nearest (RTN) instead of GPTQ; reads no calibration data.
+    """
+
+    bits: int = 4
+    group_size: int = DEFAULT_GROUP_SIZE
+    symmetric: bool = True
+    damp: float = DEFAULT_DAMP
+    clip: bool = True
+    clip_grid: int = 100
+    clip_max_shrink: float = 0.75
+    act_order: bool = False
+    dataset: str | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
+    seed: int = 0
+    format: str = "marlin"
+    device: str = "cpu"
+    true_sequential: bool = False
+    skip_gq: bool = False
+    nearest: bool = False
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise MarlinError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid value, one sentence each naming the command-line option (empty when all is well)."""
+        out = []
+        if self.bits != 4:
+            out.append(f"--bits {self.bits}: the Marlin kernel reads 4-bit weights only")
+        try:
+            fmt.check_group_size(self.group_size)
+        except ValueError as err:
+            out.append(f"--group-size: {err}")
+        if not self.symmetric:
+            out.append("asymmetric quantization is not supported: the Marlin kernel reads W = (q - 8) * s")
+        if not 0 < self.damp < 10:
+            out.append(f"--damp must lie in (0, 10) as a fraction of mean(diag H), got {self.damp}")
+        if self.clip_grid < 1 or not 0 < self.clip_max_shrink < 1:
+            out.append(f"clip grid: need clip_grid >= 1 and 0 < clip_max_shrink < 1, got {self.clip_grid}, "
+                       f"{self.clip_max_shrink}")
+        if self.act_order:
+            out.append("act_order is reserved: the kernel here has no input-feature permutation")
+        if self.nsamples is not None and self.nsamples < 1:
+            out.append(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen is not None and self.seqlen < 2:
+            out.append(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.format not in FORMATS:
+            out.append(f"--format {self.format!r} is not supported; use one of {', '.join(FORMATS)}")
+        if not self.device.startswith(("cpu", "cuda")):
+            out.append(f"--device must be cpu or cuda[:N]; got '{self.device}'")
+        return out
+
+    @property
+    def method(self) -> str:
+        """``"rtn"`` (round to nearest) or ``"gptq"``."""
+        return "rtn" if self.nearest else "gptq"
+
+    @property
+    def clip_factors(self) -> tuple[float, ...]:
+        """The shrink factors p the clipping search tries: 1.00, 0.99, ..., 0.26 by default."""
+        steps = int(self.clip_max_shrink * self.clip_grid)
+        return tuple(round(1.0 - i / self.clip_grid, 6) for i in range(steps))
+
+    def resolved(self, model: str) -> QuantSettings:
+        """A copy with the model-dependent calibration defaults filled in and the device checked.
+
+        Round to nearest keeps no clipping (it has no Hessian to weigh the error with).
+        """
+        dataset, nsamples, seqlen = CALIBRATION_DEFAULTS["builtin" if model in BUILTIN_ALIASES else "other"]
+        resolve_device(self.device)  # a CUDA device that is not there is an error before any work
+        return dataclasses.replace(
+            self,
+            dataset=self.dataset or dataset,
+            nsamples=nsamples if self.nsamples is None else self.nsamples,
+            seqlen=seqlen if self.seqlen is None else self.seqlen,
+            clip=self.clip and not self.nearest,
+        )
+
+    def gptq_config(self) -> GPTQConfig:
+        """The solver's own input: the part of these settings that quantizing one matrix needs."""
+        return GPTQConfig(group_size=self.group_size, damp=self.damp, clip=self.clip, clip_grid=self.clip_grid,
+                          clip_max_shrink=self.clip_max_shrink)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (what the checkpoint's run record and ``quantization_config`` keep)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], what: str = "settings") -> QuantSettings:
+        """Settings from a JSON object (keys starting with ``_`` are comments); unknown keys are an error."""
+        clean = {k: v for k, v in raw.items() if not k.startswith("_")}
+        unknown = set(clean) - set(FIELDS)
+        if unknown:
+            raise MarlinError(f"{what}: unknown key(s) {sorted(unknown)}; known: {sorted(FIELDS)}")
+        return cls(**clean)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(QuantSettings))
+DEFAULTS = QuantSettings()
+"""The defaults, for the command line's option defaults (``DEFAULTS.group_size``, ``DEFAULTS.damp``...)."""

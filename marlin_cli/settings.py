@@ -48,6 +48,8 @@ class QuantSettings:
             kernel here has no input-feature permutation).
         dataset, nsamples, seqlen: calibration data; ``None``: the model's default (see :meth:`resolved`).
         seed: seed for shuffling documents and placing windows.
+        holdout: documents of a local calibration file to hold out first (as a named corpus holds out its
+            evaluation documents); ``None`` or 0: the file is used whole. Named corpora always hold out theirs.
         format: checkpoint format, a name in :data:`marlin_cli.formats.FORMATS`.
         device: where the layers run (``cpu``, ``cuda``, ``cuda:N``).
         true_sequential: quantize q/k/v, then o, then gate/up, then down, each on the quantized ones' outputs.
@@ -67,6 +69,7 @@ class QuantSettings:
     nsamples: int | None = None
     seqlen: int | None = None
     seed: int = 0
+    holdout: int | None = None
     format: str = "marlin"
     device: str = "cpu"
     true_sequential: bool = False
@@ -100,6 +103,8 @@ class QuantSettings:
             out.append(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen is not None and self.seqlen < 2:
             out.append(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.holdout is not None and self.holdout < 0:
+            out.append(f"--holdout must be 0 or more, got {self.holdout}")
         if self.format not in FORMATS:
             out.append(f"--format {self.format!r} is not supported; use one of {', '.join(FORMATS)}")
         if not self.device.startswith(("cpu", "cuda")):

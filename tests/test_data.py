@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,19 +154,36 @@ def test_local_txt(tokenizer, tmp_path: Path) -> None:
     assert [w.shape[1] for w in whole] == [len(want)] * 2  # shorter than seqlen: the whole text
 
 
-def test_local_jsonl_split_is_disjoint(tokenizer, tmp_path: Path) -> None:
+def test_local_jsonl_split_is_disjoint_when_a_holdout_is_asked_for(tokenizer, tmp_path: Path) -> None:
     texts = _docs(40)
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)) + "\n")
     assert dataset_protocol(str(path)) == "documents"
     held, info = eval_documents(tokenizer, str(path), 100, 64, seed=0)
-    assert len(held) == 10  # at most a quarter of 40 usable documents are held out
-    calib = calibration_samples(tokenizer, str(path), 30, 64, seed=0)
+    assert len(held) == 10  # at most a quarter of 40 usable documents are held out for evaluation
+    calib = calibration_samples(tokenizer, str(path), 30, 64, seed=0, holdout=10)
     assert not {_key(c) for c in calib} & {_key(d) for d in held}
     everything = {tuple(tokenizer(t)["input_ids"]) for t in texts}
     assert {_key(c) for c in calib} | {_key(d) for d in held} == everything
     with pytest.raises(MarlinError, match="lower --nsamples to 30"):
-        calibration_samples(tokenizer, str(path), 31, 64, seed=0)
+        calibration_samples(tokenizer, str(path), 31, 64, seed=0, holdout=10)
+
+
+def test_local_calibration_file_is_used_whole(tokenizer, tmp_path: Path) -> None:
+    """Issue 17: a 64-document file with 64 samples asked was refused ("only 48 ... after the 16 held-out")."""
+    texts = _docs(64)
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    calib = calibration_samples(tokenizer, str(path), 64, 64, seed=0)
+    assert {_key(c) for c in calib} == {tuple(tokenizer(t)["input_ids"]) for t in texts}
+    with pytest.raises(MarlinError, match="only 64 calibration documents of 2..64 tokens, 65 asked"):
+        calibration_samples(tokenizer, str(path), 65, 64, seed=0)
+    with pytest.raises(MarlinError, match="only 48 calibration documents .* after the 16 held-out ones"):
+        calibration_samples(tokenizer, str(path), 64, 64, seed=0, holdout=16)
+    # a named corpus keeps its evaluation hold-out whatever is asked: pydocs' 64 stay out of calibration
+    held, _ = eval_documents(tokenizer, "pydocs", 64, 128, seed=0)
+    calib = calibration_samples(tokenizer, "pydocs", 16, 128, seed=0, holdout=0)
+    assert not {_key(c, 128) for c in calib} & {_key(d, 128) for d in held}
 
 
 def test_local_json_array_and_parquet_agree(tokenizer, tmp_path: Path) -> None:
@@ -286,6 +304,26 @@ def test_hub_offline_mode_through_the_real_loader(builtin_model_dir: Path) -> No
     assert "MarlinError: could not load hub:togethercomputer/RedPajama-Data-1T-Sample" in out.stdout, (
         out.stderr
     )
+
+
+def test_hub_dataset_offline_fails_at_once(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: with no route to the Hub a hub name failed only after ~30 s of retries; now at once."""
+    pytest.importorskip("datasets")
+    if data.hub_unreachable() is None:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a machine with network: switch it off the documented way
+    assert data.hub_unreachable() is not None
+    for name in ("wikitext2", "redpajama", "c4"):
+        start = time.perf_counter()
+        with pytest.raises(MarlinError, match="cannot be reached .* Without hub access use a built-in dataset"):
+            calibration_samples(tokenizer, name, 4, 64, seed=0)
+        assert time.perf_counter() - start < 15, f"{name}: the offline error took too long"
+
+
+def test_hub_check_reads_the_offline_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+        assert data.hub_unreachable() == f"{var} is set"
+        monkeypatch.delenv(var)
 
 
 def test_declarations_are_complete() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import checkpoint_cache
 import pytest
@@ -193,6 +195,38 @@ def test_cli_fails_with_exit_2_when_gptq_loses(monkeypatch: pytest.MonkeyPatch, 
     assert result.exit_code == 2
     assert "SmolLM2-135M/pydocs: gptq < rtn failed (GPTQ 14.000 vs RTN 13.000)" in result.output
     assert (tmp_path / "table.md").is_file() and "FAIL" in (tmp_path / "table.md").read_text()
+
+
+def test_rtn_column_reads_no_calibration_data_and_the_report_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Issue 17: the table and report said RTN used calibration data "for its error report"; it uses none."""
+    jobs = []
+
+    def fake_quantize(job, progress):  # noqa: ANN001, ANN202
+        jobs.append(job)
+        job.out.mkdir(parents=True)
+        nsamples = 0 if job.settings.nearest else job.settings.nsamples
+        record = {"dataset": job.settings.dataset, "nsamples": nsamples, "seqlen": job.settings.seqlen, "seed": 0}
+        return SimpleNamespace(out_dir=job.out, seconds=1.0, record=record)
+
+    monkeypatch.setattr(reproduce_mod, "quantize", fake_quantize)
+    config = load_config("builtin")
+    rtn = reproduce_mod._quantize(config, "smollm2-135m", tmp_path / "rtn", True, "cpu", False)
+    gptq = reproduce_mod._quantize(config, "smollm2-135m", tmp_path / "gptq", False, "cpu", False)
+    assert [j.settings.nearest for j in jobs] == [True, False]
+    assert jobs[0].settings == replace(config.settings, nearest=True, device="cpu")  # the same settings otherwise
+    assert rtn["calibration"].startswith("none") and gptq["calibration"].startswith("pydocs 64 x <= 512")
+    assert not hasattr(reproduce_mod, "RTN_NSAMPLES") and not hasattr(reproduce_mod, "RTN_SEQLEN")
+    ppl = {"fp16": {"botchan": 32.0}, "rtn": {"botchan": 42.0}, "gptq": {"botchan": 40.0}}
+    record = {"config": "builtin", "config_path": "x", "description": "", "reference_source": "",
+              "datasets": [{"name": "botchan", "seqlen": 1024, "max_windows": 4, "max_docs": None}],
+              "settings": config.settings.to_dict(), "dtype": "float32", "device_name": "cpu",
+              "rows": [{**fake_row(ppl), "reference": {}}], "checks": check_rows(config, [fake_row(ppl)]), "seconds": 1.0, "command": "marlin",
+              "versions": {}}  # fmt: skip
+    md = render_markdown(record)
+    assert "RTN rounds each weight to the nearest grid point" in md and "reads no calibration data" in md
+    assert "error report" not in md
 
 
 def test_unknown_model_selection_is_an_error(tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ GROUP_SIZES = click.Choice([str(g) for g in _SIZES])
 @click.option("--seqlen", type=int, default=None, help="Max tokens per sample (default 512 built-in, else 4096).")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
               help="Seed for shuffling and window sampling.")
+@click.option("--holdout", type=int, default=None,
+              help="Documents of a local calibration file to hold out first (for evaluating on the rest); "
+                   "default: the file is used whole. Named corpora always hold out their evaluation documents.")
 @click.option("--group-size", type=GROUP_SIZES, default=str(DEFAULTS.group_size), show_default=True,
               help="Input features per scale; -1 = one scale per output channel.")
 @click.option("--damp", type=float, default=DEFAULTS.damp, show_default=True,
@@ -42,11 +45,11 @@ GROUP_SIZES = click.Choice([str(g) for g in _SIZES])
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-layer table.")
 def quantize_command(model: str, out: Path, dataset: str | None, nsamples: int | None, seqlen: int | None,
-                     seed: int, group_size: str, damp: float, no_clip: bool, nearest: bool,
+                     seed: int, holdout: int | None, group_size: str, damp: float, no_clip: bool, nearest: bool,
                      true_sequential: bool, skip_gq: bool, format_: str, device: str, force: bool,
                      quiet: bool) -> None:
     """Quantize MODEL (a local Hugging Face folder, a hub id, or `smollm2-135m`) to a Marlin checkpoint."""
-    settings = QuantSettings(dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
+    settings = QuantSettings(dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, holdout=holdout,
                              group_size=int(group_size), damp=damp, clip=not no_clip, nearest=nearest,
                              true_sequential=true_sequential, skip_gq=skip_gq, format=format_, device=device)
     result = quantize(QuantizeJob(model=model, out=out, settings=settings, force=force), progress=not quiet)

@@ -1,6 +1,8 @@
 """Calibration and evaluation tokens for the named corpora of ``configs/datasets.json`` and local files.
 
-Two protocols (seed-facts.md; the per-dataset parameters are data in ``configs/datasets.json``):
+Two protocols, those of the GPTQ (Frantar et al., 2022) and Marlin (Frantar et al., 2024) evaluations: a
+WikiText-2-style token stream and RedPajama-style whole documents (the per-dataset parameters are data in
+``configs/datasets.json``):
 
 * ``stream`` (botchan, wikitext2, c4, local ``.txt``): the text is one token stream, tokenized once
   WITHOUT special tokens (``add_special_tokens=False``: no BOS, as in the reference botchan numbers).
@@ -17,22 +19,30 @@ Two protocols (seed-facts.md; the per-dataset parameters are data in ``configs/d
   are the held-out eval set, calibration draws the next ``nsamples``. Calibration and evaluation are
   therefore disjoint for the same seed, whatever their seqlens. A document longer than the caller's
   ``seqlen`` is then dropped or cut to its first ``seqlen`` tokens (``long_documents``).
+  A local documents file given for calibration is used whole: its hold-out (for :func:`eval_documents`)
+  applies to calibration only when asked for (``holdout``, ``marlin quantize --holdout N``).
 
-Hub corpora load through ``datasets.load_dataset`` and fail with a :class:`MarlinError` that says what
-to use instead when the hub is unreachable.
+Hub corpora load through ``datasets.load_dataset``. When the Hub cannot be reached (``HF_HUB_OFFLINE`` /
+``HF_DATASETS_OFFLINE`` set, or a two-second connection check fails) they load in offline mode, from the
+``datasets`` cache or not at all, and fail at once with a :class:`MarlinError` that says what to use instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import random
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import urlparse
 
+import huggingface_hub.constants
 import torch
 
 from marlin_cli.data import assets
@@ -145,18 +155,58 @@ def dataset_protocol(dataset: str) -> ProtocolName:
 # ---------------------------------------------------------------- raw text
 
 
+HUB_CHECK_SECONDS = 2.0
+"""How long the reachability check waits for a TCP connection to the Hub before calling it unreachable."""
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be used now (offline switch set, or no connection), or None.
+
+    Reads ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` at call time, then tries a TCP connection to the
+    Hub's endpoint for at most :data:`HUB_CHECK_SECONDS`.
+    """
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").upper() in _TRUE:
+            return f"{var} is set"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "huggingface_hub is in offline mode"
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_CHECK_SECONDS).close()
+    except OSError as err:
+        return f"{host} is unreachable ({err})"
+    return None
+
+
+@contextlib.contextmanager
+def _offline(datasets: Any) -> Iterator[None]:
+    """``datasets`` and ``huggingface_hub`` in offline mode (cache only, no retries) for the block."""
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
 def _load_hub(part: dict[str, Any]) -> Any:
-    """``datasets.load_dataset`` for one declared split; a clear error when the hub is unreachable."""
+    """``datasets.load_dataset`` for one declared split; a clear error, at once, when the hub is unreachable."""
     try:
         import datasets  # optional dependency (marlin[data]); only hub corpora need it
     except ImportError as err:
         raise MarlinError("hub datasets need the `datasets` package: pip install 'datasets>=2.19'") from err
     kwargs = {k: part[k] for k in ("name", "data_files") if k in part}
+    offline = hub_unreachable()
     try:
-        return datasets.load_dataset(part["path"], split=part["split"], **kwargs)
+        with _offline(datasets) if offline else contextlib.nullcontext():
+            return datasets.load_dataset(part["path"], split=part["split"], **kwargs)
     except Exception as err:  # the hub client raises many types (ConnectionError, OSError, HTTP errors)
+        why = f"the Hub cannot be reached ({offline}) and it is not in the datasets cache" if offline else \
+            f"{type(err).__name__}: {err}"
         raise MarlinError(
-            f"could not load {_hub_source(part)} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            f"could not load {_hub_source(part)} from the Hugging Face Hub ({why}). "
             "Without hub access use a built-in dataset (botchan, pydocs) or a local .txt/.jsonl/.json/.parquet file"
         ) from err
 
@@ -289,13 +339,19 @@ def _kept_documents(
 
 
 def _split(
-    tokenizer: PreTrainedTokenizerBase, spec: _Spec, seed: int
+    tokenizer: PreTrainedTokenizerBase, spec: _Spec, seed: int, reserve: int | None = None
 ) -> tuple[list[Doc], Iterator[Doc], str]:
-    """(held-out eval documents, iterator over the remaining kept documents, source)."""
+    """(held-out documents, iterator over the remaining kept documents, source).
+
+    ``reserve``: how many to hold out; ``None``: the dataset's evaluation hold-out (``eval_reserve``).
+    """
     texts, source = _documents(spec)
     kept = _kept_documents(tokenizer, texts, spec.fields, seed)
-    reserve = spec.fields["eval_reserve"]
     fraction = spec.fields.get("eval_reserve_max_fraction")
+    if reserve is None:
+        reserve = spec.fields["eval_reserve"]
+    else:
+        fraction = None
     if fraction is not None:  # small local files: hold out at most this share of the usable documents
         everything = list(kept)
         reserve = min(reserve, int(len(everything) * fraction))
@@ -326,18 +382,22 @@ def _long(ids: list[int]) -> torch.Tensor:
 
 
 def calibration_samples(
-    tokenizer: PreTrainedTokenizerBase, dataset: str, nsamples: int, seqlen: int, seed: int
+    tokenizer: PreTrainedTokenizerBase, dataset: str, nsamples: int, seqlen: int, seed: int,
+    holdout: int | None = None,
 ) -> list[torch.Tensor]:
     """``nsamples`` calibration sequences, each a torch.long tensor of shape [1, L], 2 <= L <= seqlen.
 
     Stream datasets give windows of exactly ``min(seqlen, T)`` tokens; documents datasets give whole
-    documents (dropped or cut at ``seqlen`` per dataset), never one of the held-out eval documents.
+    documents (dropped or cut at ``seqlen`` per dataset). A named documents corpus never gives one of its
+    held-out eval documents; a local file is used whole unless ``holdout`` documents are asked to be held
+    out first (``holdout`` has no effect on named corpora or streams).
     Deterministic for a given seed. :class:`MarlinError` for an unknown dataset or too few documents.
     """
     _check_sizes(nsamples=nsamples, seqlen=seqlen)
     spec = _resolve(dataset)
     if spec.protocol == "documents":
-        held, rest, source = _split(tokenizer, spec, seed)
+        reserve = (holdout or 0) if spec.path is not None else None
+        held, rest, source = _split(tokenizer, spec, seed, reserve)
         samples = []
         for _, ids in rest:
             cut = _cut(ids, seqlen, spec.fields["long_documents"])
@@ -346,9 +406,10 @@ def calibration_samples(
                 if len(samples) == nsamples:
                     return samples
         fix = f"lower --nsamples to {len(samples)}" if samples else "use a larger corpus"
+        after = f" after the {len(held)} held-out ones" if held else ""
         raise MarlinError(
-            f"{spec.name} ({source}) has only {len(samples)} calibration documents of 2..{seqlen} tokens "
-            f"after the {len(held)} held-out ones, {nsamples} asked; {fix} or use another dataset"
+            f"{spec.name} ({source}) has only {len(samples)} calibration documents of 2..{seqlen} tokens"
+            f"{after}, {nsamples} asked; {fix} or use another dataset"
         )
     rng = random.Random(seed)
     if spec.fields.get("calibration", {}).get("windows") == "long_documents":

@@ -107,11 +107,6 @@ def _evaluate(
     return out
 
 
-#: Calibration for the RTN column. Round-to-nearest reads no data: the quantizer runs calibration only
-#: for its per-layer error report, so the smallest set gives the same checkpoint at a fraction of the time.
-RTN_NSAMPLES, RTN_SEQLEN = 2, 64
-
-
 def _quantize(
     config: ReproduceConfig, model_path: str, out: Path, nearest: bool, device: str, progress: bool
 ) -> dict[str, Any]:
@@ -123,13 +118,14 @@ def _quantize(
     settings = replace(config.settings, nearest=nearest, device=device)
     result = quantize(QuantizeJob(model=model_path, out=out, settings=settings, force=True), progress=progress)
     folder = Path(result.out_dir)
-    s = settings
+    record = result.record
+    calibration = (f"{record['dataset']} {record['nsamples']} x <= {record['seqlen']} tokens, seed {record['seed']}"
+                   if record["nsamples"] else "none (round to nearest reads no calibration data)")
     return {
         "path": str(folder),
         "size_mb": checkpoint_megabytes(folder),
         "quantize_seconds": result.seconds,
-        "calibration": f"{s.dataset} {RTN_NSAMPLES if nearest else s.nsamples} x "
-        f"{RTN_SEQLEN if nearest else s.seqlen} tokens, seed {s.seed}",
+        "calibration": calibration,
     }
 
 

@@ -40,7 +40,7 @@ class DatasetSpec:
     max_docs: int | None = None
 
 
-CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed")
+CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed", "holdout")
 """Settings the config's ``calibration`` section holds (the first three are required)."""
 QUANTIZATION_KEYS = tuple(k for k in FIELDS if k not in (*CALIBRATION_KEYS, "device", "nearest"))
 """Settings the config's ``quantization`` section may hold (``group_size`` is required). The device comes from

@@ -83,9 +83,8 @@ def render_markdown(record: dict[str, Any]) -> str:
             f"Perplexity (lower is better). int4 symmetric, group size {q['group_size']}, damping {q['damp']}, "
             f"clipping {'on' if q['clip'] else 'off'}; calibration {q['dataset']} {q['nsamples']} x "
             f"{q['seqlen']} tokens, seed {q['seed']}. Evaluated in {record['dtype']} on {record['device_name']}. "
-            f"'(orig)' columns: {record['reference_source']}. RTN reads no calibration data; its checkpoint "
-            f"was made with {record['rows'][0]['variants']['rtn']['checkpoint'].get('calibration', '?')} "
-            "only for the quantizer's error report. MB = 10^6 bytes of safetensors.",
+            f"'(orig)' columns: {record['reference_source']}. RTN rounds each weight to the nearest grid "
+            "point of the same group size and reads no calibration data. MB = 10^6 bytes of safetensors.",
             main_table(record),
             protocol_table(record),
             checks,

@@ -84,7 +84,8 @@ def quantize(job: QuantizeJob, progress: bool = True, keep_matrices: bool = Fals
         dataset_protocol(settings.dataset)
         samples = []
     else:
-        samples = calibration_samples(tokenizer, settings.dataset, settings.nsamples, settings.seqlen, settings.seed)
+        samples = calibration_samples(tokenizer, settings.dataset, settings.nsamples, settings.seqlen, settings.seed,
+                                      holdout=settings.holdout)
 
     bar = tqdm(total=config.num_hidden_layers, desc="quantizing layers", unit="layer", disable=not progress)
 

@@ -21,6 +21,9 @@ class MarlinLinear(nn.Module):
         scales: [K_pad / g or 1, N_pad], fp16 as saved (cast with the module like any float buffer).
         shape: int32 [2] = (in_features, out_features) before padding.
         bias: [out_features] or absent.
+        perm: int64 [in_features] or absent: act-order checkpoints (GPTQ ``desc_act``, compressed-tensors
+            ``actorder: group``) have their weight rows sorted into groups at load; the input columns are
+            gathered in the same order at run time, ``y = x[..., perm] @ B_sorted`` (as vLLM's gptq_marlin).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class MarlinLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        self.register_buffer("perm", None)  # act-order only (see from_codes); a None buffer is not saved
         self._dense: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self.register_load_state_dict_post_hook(lambda module, _keys: module._dense.clear())
 
@@ -58,6 +62,7 @@ class MarlinLinear(nn.Module):
         group_size: int,
         bias: torch.Tensor | None = None,
         scale_dtype: torch.dtype = torch.float16,
+        perm: torch.Tensor | None = None,
     ) -> MarlinLinear:
         """Build from a quantized matrix in the layer's orientation.
 
@@ -66,6 +71,8 @@ class MarlinLinear(nn.Module):
             scales: float [N, G] (G = ceil(K / g), or 1 per channel).
             group_size: 32, 64, 128 or -1.
             bias: optional [N].
+            perm: optional int [K], act-order: ``codes[:, j]`` (sorted into groups) belongs to input column
+                ``perm[j]``; the layer then computes ``x[..., perm] @ dequant(codes)^T``.
         """
         n, k = codes.shape
         layer = cls(k, n, group_size, bias=bias is not None, dtype=scale_dtype)
@@ -74,6 +81,11 @@ class MarlinLinear(nn.Module):
         layer.scales.copy_(packed_scales)
         if bias is not None:
             layer.bias.copy_(bias.to(scale_dtype))
+        if perm is not None:
+            perm = perm.reshape(-1).to(torch.int64)
+            if perm.numel() != k or not torch.equal(perm.sort().values, torch.arange(k)):
+                raise ValueError(f"perm must be a permutation of range({k})")
+            layer.register_buffer("perm", perm.contiguous())
         return layer
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module signature
@@ -91,10 +103,12 @@ class MarlinLinear(nn.Module):
         """x [..., in_features] (fp16/bf16 on CUDA, any float on CPU) -> [..., out_features] in x.dtype."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
         if self.packed.k_pad != self.in_features:
             x2 = nn.functional.pad(x2, (0, self.packed.k_pad - self.in_features))
         if x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16):
-            from gptq.kernel import marlin_gemm
+            from gptq.kernel import marlin_gemm  # here: the kernel module builds/loads the CUDA extension
 
             out = marlin_gemm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype), self.group_size)
         else:
@@ -106,4 +120,4 @@ class MarlinLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"padded=({self.packed.k_pad}, {self.packed.n_pad})")
+                f"padded=({self.packed.k_pad}, {self.packed.n_pad})" + (", act_order" if self.perm is not None else ""))

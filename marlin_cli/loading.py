@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from gptq.format import GROUP_SIZES
 from gptq.linear import MarlinLinear
 from marlin_cli.errors import MarlinError
 from marlin_cli.formats import FORMATS, CodesLinear, PackedLinear
@@ -27,7 +28,7 @@ from marlin_cli.pipeline.models import (
     rebuild_rotary,
     resolve_model_dir,
 )
-from marlin_cli.pipeline.weights import WeightStore
+from marlin_cli.pipeline.weights import WeightStore, check_folder
 from marlin_cli.runtime import default_dtype, resolve_device
 
 FULL_HASH_LIMIT = 2 << 30
@@ -62,10 +63,12 @@ def weights_fingerprint(model_dir: Path) -> dict:
 
 
 def load_model(path_or_alias: str, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load a model or Marlin checkpoint by folder, hub id, or built-in alias onto ``device`` as ``dtype``."""
+    """Load a model or quantized checkpoint (Marlin, compressed-tensors, GPTQ) by folder, hub id, or built-in
+    alias onto ``device`` as ``dtype``."""
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     model_dir = resolve_model_dir(path_or_alias)
+    check_folder(model_dir)  # a truncated or corrupt .safetensors is one line, not a traceback
     qc = read_quantization_config(model_dir)
     if qc is not None:
         model = load_quantized(model_dir, device=device, dtype=dtype)
@@ -77,12 +80,26 @@ def load_model(path_or_alias: str, device: str = "cpu", dtype: torch.dtype | Non
     return LoadedModel(model, tokenizer, identity)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MarlinError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise MarlinError(f"{path} does not hold a JSON object")
+    return data
+
+
 def read_quantization_config(model_dir: Path) -> dict | None:
-    """The ``quantization_config`` of a folder's config.json, or None for an unquantized model."""
+    """The ``quantization_config`` of a folder's config.json (or AutoGPTQ's ``quantize_config.json``), or None."""
     cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.is_file():
         return None
-    return json.loads(cfg_path.read_text()).get("quantization_config") or None
+    qc = _read_json(cfg_path).get("quantization_config") or None
+    legacy = Path(model_dir) / "quantize_config.json"
+    if qc is None and legacy.is_file():  # older AutoGPTQ checkpoints keep it only there
+        qc = {"quant_method": "gptq", **_read_json(legacy)}
+    return qc
 
 
 def checkpoint_format(model_dir: Path, qc: dict) -> ModuleType:
@@ -108,13 +125,30 @@ def _quantized_linear(item: PackedLinear | CodesLinear, bias: torch.Tensor | Non
         if bias is not None:
             layer.bias.copy_(bias)
         return layer.to(device)
-    if item.g_idx is not None:
-        k = item.codes.shape[1]
-        plain = torch.arange(k) // (k if item.group_size == -1 else item.group_size)
+    codes, scales, group_size, perm = item.codes, item.scales, item.group_size, item.perm
+    k = codes.shape[1]
+    if item.g_idx is not None and perm is None:
+        plain = torch.arange(k) // (k if group_size == -1 else group_size)
         if not torch.equal(item.g_idx.to(torch.long).cpu(), plain):
-            raise MarlinError(f"{item.name}: the checkpoint reorders input features into groups (act-order, "
-                              "desc_act=True), which the Marlin kernel here does not support")
-    return MarlinLinear.from_codes(item.codes, item.scales, item.group_size, bias=bias).to(device)
+            perm = torch.argsort(item.g_idx.to(torch.long).cpu(), stable=True)
+            if not torch.equal(item.g_idx.to(torch.long).cpu()[perm], plain):
+                raise MarlinError(f"{item.name}: g_idx does not put exactly {group_size} input features in every "
+                                  "group; this checkpoint cannot be served")
+            codes = codes[:, perm]
+    if group_size not in GROUP_SIZES:
+        # A group of 256 (or any multiple of 128) is the same weight as groups of 128 sharing a scale.
+        if group_size > 0 and group_size % 128 == 0 and k % group_size == 0:
+            scales = scales.repeat_interleave(group_size // 128, dim=1)
+            group_size = 128
+        else:
+            raise MarlinError(f"{item.name}: group size {group_size}; the Marlin kernel here takes "
+                              f"{', '.join(map(str, GROUP_SIZES))} (or a multiple of 128)")
+    scale_dtype = scales.dtype if scales.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+    try:
+        return MarlinLinear.from_codes(codes, scales, group_size, bias=bias, scale_dtype=scale_dtype,
+                                       perm=perm).to(device)
+    except ValueError as err:
+        raise MarlinError(f"{item.name}: {err}") from err
 
 
 def load_quantized(model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float16):  # noqa: ANN201
@@ -145,6 +179,10 @@ def load_quantized(model_dir: Path, device: str = "cpu", dtype: torch.dtype = to
                               f"{linear.in_features}x{linear.out_features}")
         bias = store.get(f"{item.name}.bias") if f"{item.name}.bias" in store else None
         setattr(parent, child, _quantized_linear(item, bias, device))
+        for leftover in ("weight",):  # a layer both packed and dense would be ambiguous
+            if f"{item.name}.{leftover}" in store:
+                raise MarlinError(f"{item.name}: the checkpoint holds both quantized tensors and a dense "
+                                  f"'{item.name}.{leftover}'; it is malformed")
     store.materialize(model, "", device, None)  # every tensor still on the meta device
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

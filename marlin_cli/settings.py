@@ -50,7 +50,8 @@ class QuantSettings:
         seed: seed for shuffling documents and placing windows.
         holdout: documents of a local calibration file to hold out first (as a named corpus holds out its
             evaluation documents); ``None`` or 0: the file is used whole. Named corpora always hold out theirs.
-        format: checkpoint format, a name in :data:`marlin_cli.formats.FORMATS`.
+        format: checkpoint format, a name in :data:`marlin_cli.formats.FORMATS`: ``compressed-tensors``
+            (default; what vLLM and SGLang serve), ``gptq`` or ``marlin`` (this tool's kernel layout).
         device: where the layers run (``cpu``, ``cuda``, ``cuda:N``).
         true_sequential: quantize q/k/v, then o, then gate/up, then down, each on the quantized ones' outputs.
         skip_gq: keep k_proj/v_proj in fp16 for grouped-query-attention models.
@@ -70,7 +71,7 @@ class QuantSettings:
     seqlen: int | None = None
     seed: int = 0
     holdout: int | None = None
-    format: str = "marlin"
+    format: str = "compressed-tensors"
     device: str = "cpu"
     true_sequential: bool = False
     skip_gq: bool = False
@@ -107,6 +108,10 @@ class QuantSettings:
             out.append(f"--holdout must be 0 or more, got {self.holdout}")
         if self.format not in FORMATS:
             out.append(f"--format {self.format!r} is not supported; use one of {', '.join(FORMATS)}")
+        elif self.skip_gq and self.format != "marlin":
+            out.append(f"--skip-gq keeps k_proj/v_proj dense while q_proj is quantized, but vLLM and SGLang fuse "
+                       f"q/k/v into one layer that is all quantized or all dense, so a {self.format} checkpoint "
+                       "cannot hold it; drop --skip-gq, or use --format marlin")
         if not self.device.startswith(("cpu", "cuda")):
             out.append(f"--device must be cpu or cuda[:N]; got '{self.device}'")
         return out

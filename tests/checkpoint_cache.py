@@ -20,7 +20,8 @@ def rtn_checkpoint(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) ->
     """
     out = tmp_path_factory.getbasetemp() / "shared-rtn-g64"
     if not (out / "config.json").is_file():
-        quantize(QuantizeJob(model=str(model_dir), out=out, settings=QuantSettings(group_size=64, nearest=True)),
+        quantize(QuantizeJob(model=str(model_dir), out=out, settings=QuantSettings(group_size=64, nearest=True,
+                                                                                  format="marlin")),
                  progress=False)
     return out
 

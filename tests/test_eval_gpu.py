@@ -73,7 +73,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (root / "corpus.txt").write_text(text)
     make_model(root / "fp16", text)
     options = QuantizeJob(model=str(root / "fp16"), out=root / "int4", settings=QuantSettings(
-        dataset=str(root / "corpus.txt"), nsamples=16, seqlen=256, group_size=128, device="cpu",
+        dataset=str(root / "corpus.txt"), nsamples=16, seqlen=256, group_size=128, device="cpu", format="marlin",
     ))  # fmt: skip
     quantize(options, progress=False)
     from transformers import AutoTokenizer
@@ -136,7 +136,7 @@ def test_quantize_on_the_gpu_matches_the_cpu_quantization(setup: dict, tmp_path:
     cpu_dir = setup["int4"]
     cpu_rec = json.loads((cpu_dir / "marlin_run.json").read_text())
     options = QuantizeJob(model=str(setup["fp16"]), out=tmp_path / "int4-cuda", settings=QuantSettings(
-        dataset=cpu_rec["dataset"], nsamples=16, seqlen=256, group_size=128, device="cuda",
+        dataset=cpu_rec["dataset"], nsamples=16, seqlen=256, group_size=128, device="cuda", format="marlin",
     ))  # fmt: skip
     result = quantize(options, progress=False)
     gpu_rec = json.loads((result.out_dir / "marlin_run.json").read_text())

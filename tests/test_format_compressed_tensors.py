@@ -56,7 +56,7 @@ def test_library_decompresses_our_export_exactly(n: int, k: int, g: int) -> None
     if g != -1 and k % g:
         pytest.skip("K not a multiple of g")
     codes, scales = _random(n, k, g, seed=n * 7 + k + g)
-    tensors = ct.encode(codes, scales, g, dtype=torch.float32)
+    tensors = ct.encode_tensors(codes, scales, g, dtype=torch.float32)
     assert tensors["weight_packed"].dtype == torch.int32 and tuple(tensors["weight_packed"].shape) == (n, k // 8)
     assert tensors["weight_scale"].dtype == torch.float32 and tuple(tensors["weight_scale"].shape) == scales.shape
     assert tensors["weight_shape"].dtype == torch.int64 and tensors["weight_shape"].tolist() == [n, k]
@@ -72,7 +72,7 @@ def test_library_decompress_in_model_dtype(dtype: torch.dtype) -> None:
     """In fp16/bf16 the library multiplies in that dtype; ours must equal (q - 8) * s rounded the same way."""
     n, k, g = 576, 1536, 64
     codes, scales = _random(n, k, g, seed=3)
-    tensors = ct.encode(codes, scales, g, dtype=dtype)
+    tensors = ct.encode_tensors(codes, scales, g, dtype=dtype)
     w = _library_decompress(tensors, g)
     s = tensors["weight_scale"].repeat_interleave(g, dim=1)
     assert w.dtype == dtype and torch.equal(w, (codes.to(dtype) - 8) * s)
@@ -82,7 +82,7 @@ def test_reversed_nibbles_are_caught() -> None:
     """Negative control: the same words with the 8 nibbles of each int32 reversed must not decompress right."""
     n, k, g = 1536, 576, 64
     codes, scales = _random(n, k, g, seed=11)
-    tensors = ct.encode(codes, scales, g, dtype=torch.float32)
+    tensors = ct.encode_tensors(codes, scales, g, dtype=torch.float32)
     p = tensors["weight_packed"].to(torch.int64) & 0xFFFFFFFF
     rev = torch.zeros_like(p)
     for i in range(8):
@@ -97,7 +97,7 @@ def test_round_trip(g: int) -> None:
     n, k = 576, 1536
     codes, scales = _random(n, k, g, seed=5 + g)
     for dtype in (torch.float16, torch.float32):
-        codes2, scales2, perm = ct.decode(ct.encode(codes, scales, g, dtype=dtype), group_size=g)
+        codes2, scales2, perm = ct.decode_tensors(ct.encode_tensors(codes, scales, g, dtype=dtype), group_size=g)
         assert perm is None and codes2.dtype == torch.uint8
         assert torch.equal(codes2, codes) and torch.equal(scales2, scales.to(dtype))
 
@@ -112,9 +112,9 @@ def test_library_compress_decodes_through_ours(g: int) -> None:
     w = _dense(codes, scales, g).float()
     state = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scales.clone()}, _scheme(g))
     assert set(state) == {"weight_packed", "weight_scale", "weight_shape"}
-    codes2, scales2, perm = ct.decode(state, group_size=g)
+    codes2, scales2, perm = ct.decode_tensors(state, group_size=g)
     assert perm is None and torch.equal(codes2, codes) and torch.equal(scales2, scales)
-    assert torch.equal(state["weight_packed"], ct.encode(codes, scales, g, dtype=torch.float32)["weight_packed"])
+    assert torch.equal(state["weight_packed"], ct.encode_tensors(codes, scales, g, dtype=torch.float32)["weight_packed"])
 
 
 def _library_config_json(g: int, ignore: list[str], version: str) -> dict:
@@ -156,12 +156,12 @@ LLM_COMPRESSOR_W4A16_G128 = {
 
 
 def test_config_is_llm_compressor_output() -> None:
-    assert ct.quantization_config(128) == LLM_COMPRESSOR_W4A16_G128
+    assert ct.build_config(128) == LLM_COMPRESSOR_W4A16_G128
 
 
 @pytest.mark.parametrize("g", GROUPS)
 def test_config_matches_library(g: int) -> None:
-    ours = ct.quantization_config(g)
+    ours = ct.build_config(g)
     # Validated by the installed library, it re-serializes to the library's own dump of the same scheme ...
     parsed = ctq.QuantizationConfig.model_validate(ours)
     expected = _library_config_json(g, ["lm_head"], ours["version"])
@@ -179,7 +179,7 @@ def test_config_matches_library(g: int) -> None:
 
 def test_config_loads_in_transformers() -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.CompressedTensorsConfig.from_dict({"quantization_config": ct.quantization_config(64)})
+    cfg = transformers.CompressedTensorsConfig.from_dict({"quantization_config": ct.build_config(64)})
     scheme = cfg.quantization_config.config_groups["group_0"]
     assert scheme.weights.num_bits == 4 and scheme.weights.group_size == 64 and scheme.format == "pack-quantized"
     assert cfg.quantization_config.format == "pack-quantized" and cfg.is_quantization_compressed
@@ -187,13 +187,13 @@ def test_config_loads_in_transformers() -> None:
 
 def test_library_model_compressor_accepts_config() -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.CompressedTensorsConfig.from_dict({"quantization_config": ct.quantization_config(-1)})
+    cfg = transformers.CompressedTensorsConfig.from_dict({"quantization_config": ct.build_config(-1)})
     comp = ModelCompressor.from_compression_config(cfg)
     assert comp.quantization_config.config_groups["group_0"].weights.strategy == "channel"
 
 
 def _cfg(**weights) -> dict:
-    qc = ct.quantization_config(128)
+    qc = ct.build_config(128)
     qc["config_groups"]["group_0"]["weights"].update(weights)
     return qc
 
@@ -204,12 +204,12 @@ def _cfg(**weights) -> dict:
     (_cfg(type="float", num_bits=8), "weights.type"),
     (_cfg(strategy="tensor", group_size=None), "weights.strategy"),
     (_cfg(dynamic=True), "weights.dynamic"),
-    (dict(ct.quantization_config(128), sparsity_config={"format": "sparse-24-bitmask",
+    (dict(ct.build_config(128), sparsity_config={"format": "sparse-24-bitmask",
                                                         "sparsity_structure": "2:4"}), "sparsity_config"),
-    (dict(ct.quantization_config(128), format="marlin-24"), "quantization_config.format"),
-    (dict(ct.quantization_config(128), kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
-    (dict(ct.quantization_config(128), quant_method="gptq"), "quant_method"),
-    (dict(ct.quantization_config(128), quantization_status="frozen"), "quantization_status"),
+    (dict(ct.build_config(128), format="marlin-24"), "quantization_config.format"),
+    (dict(ct.build_config(128), kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
+    (dict(ct.build_config(128), quant_method="gptq"), "quant_method"),
+    (dict(ct.build_config(128), quantization_status="frozen"), "quantization_status"),
 ])
 def test_parse_config_refuses(qc: dict, field: str) -> None:
     with pytest.raises(MarlinError) as err:
@@ -219,7 +219,7 @@ def test_parse_config_refuses(qc: dict, field: str) -> None:
 
 
 def test_parse_config_refuses_activation_quantization() -> None:
-    qc = ct.quantization_config(128)
+    qc = ct.build_config(128)
     qc["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "float", "strategy": "token",
                                                            "dynamic": True, "symmetric": True}
     with pytest.raises(MarlinError, match="group_0.input_activations"):
@@ -232,9 +232,9 @@ def test_parse_config_act_order_and_old_fields() -> None:
     assert ct.parse_config(qc, "c").act_order
     assert not ct.parse_config(_cfg(actorder="weight"), "c").act_order
     assert not ct.parse_config(_cfg(actorder=None), "c").act_order
-    assert not ct.parse_config(dict(ct.quantization_config(64), sparsity_config=None), "c").act_order
+    assert not ct.parse_config(dict(ct.build_config(64), sparsity_config=None), "c").act_order
     # actorder "weight" is writable and the library accepts it.
-    qc = ct.quantization_config(64, actorder="weight")
+    qc = ct.build_config(64, actorder="weight")
     assert ctq.QuantizationConfig.model_validate(qc).config_groups["group_0"].weights.actorder == "weight"
 
 
@@ -247,32 +247,32 @@ def test_act_order_g_idx_decode() -> None:
     g_idx[order] = (torch.arange(k) // g).to(torch.int32)
     codes, scales = _random(n, k, g, seed=29)
     w = (codes.double() - 8) * scales.double()[:, g_idx.long()]  # dense weight, each column its own group
-    tensors = dict(ct.encode(codes, scales, g, dtype=torch.float32), weight_g_idx=g_idx)
-    codes_s, scales_s, perm = ct.decode(tensors, group_size=g)
+    tensors = dict(ct.encode_tensors(codes, scales, g, dtype=torch.float32), weight_g_idx=g_idx)
+    codes_s, scales_s, perm = ct.decode_tensors(tensors, group_size=g)
     assert perm is not None
     x = torch.randn(5, k, generator=gen, dtype=torch.float64)
     y = x[:, perm] @ _dense(codes_s, scales_s, g).T
     torch.testing.assert_close(y, x @ w.T, rtol=1e-12, atol=1e-12)
     # A trivial g_idx means no permutation.
     tensors["weight_g_idx"] = (torch.arange(k) // g).to(torch.int32)
-    assert ct.decode(tensors)[2] is None
+    assert ct.decode_tensors(tensors)[2] is None
 
 
 def test_decode_refuses_bad_layers() -> None:
     codes, scales = _random(64, 128, 32, seed=1)
-    good = ct.encode(codes, scales, 32)
+    good = ct.encode_tensors(codes, scales, 32)
     with pytest.raises(MarlinError, match="model.layers.0.mlp.up_proj: weight_zero_point"):
-        ct.decode(dict(good, weight_zero_point=torch.zeros(8, 4, dtype=torch.int32)), "model.layers.0.mlp.up_proj")
+        ct.decode_tensors(dict(good, weight_zero_point=torch.zeros(8, 4, dtype=torch.int32)), "model.layers.0.mlp.up_proj")
     with pytest.raises(MarlinError, match="L: weight_shape"):
-        ct.decode(dict(good, weight_shape=torch.tensor([64, 127])), "L")
+        ct.decode_tensors(dict(good, weight_shape=torch.tensor([64, 127])), "L")
     with pytest.raises(MarlinError, match="L: weight_packed"):
-        ct.decode(dict(good, weight_packed=good["weight_packed"].to(torch.int64)), "L")
+        ct.decode_tensors(dict(good, weight_packed=good["weight_packed"].to(torch.int64)), "L")
     with pytest.raises(MarlinError, match="group size 32, the config says 64"):
-        ct.decode(good, "L", group_size=64)
+        ct.decode_tensors(good, "L", group_size=64)
     bad_gidx = torch.zeros(128, dtype=torch.int32)
     bad_gidx[:40] = 1
     with pytest.raises(MarlinError, match="L: weight_g_idx"):
-        ct.decode(dict(good, weight_g_idx=bad_gidx), "L")
+        ct.decode_tensors(dict(good, weight_g_idx=bad_gidx), "L")
 
 
 def test_which_layers_fail() -> None:

@@ -64,7 +64,7 @@ def test_autogptq_formula_gives_definition(n: int, k: int, g: int, zero_format: 
     if g != -1 and k % g:
         pytest.skip("K not a multiple of g")
     codes, scales = _random(n, k, g, seed=n + k + g)
-    t = gptq.encode(codes, scales, g, zero_format=zero_format)
+    t = gptq.encode_tensors(codes, scales, g, zero_format=zero_format)
     groups = scales.shape[1]
     assert t["qweight"].dtype == torch.int32 and tuple(t["qweight"].shape) == (k // 8, n)
     assert t["scales"].dtype == torch.float16 and tuple(t["scales"].shape) == (groups, n)
@@ -84,7 +84,7 @@ def test_v1_v2_confusion_is_caught(g: int) -> None:
         g = 64
     codes, scales = _random(n, k, g, seed=41)
     g_idx = torch.zeros(k, dtype=torch.int64) if g == -1 else torch.arange(k) // g
-    v1, v2 = gptq.encode(codes, scales, g, "v1"), gptq.encode(codes, scales, g, "v2")
+    v1, v2 = gptq.encode_tensors(codes, scales, g, "v1"), gptq.encode_tensors(codes, scales, g, "v2")
     assert torch.equal(v1["qweight"], v2["qweight"]) and torch.equal(v1["scales"], v2["scales"])
     assert (v1["qzeros"] == 0x77777777).all() and (v2["qzeros"].view(torch.uint32) == 0x88888888).all()
     # Reading with the wrong convention gives a wrong weight (the oracle is sensitive to the offset) ...
@@ -92,11 +92,11 @@ def test_v1_v2_confusion_is_caught(g: int) -> None:
     assert not torch.equal(_autogptq_dequant(v1, v1=False), _dense(codes, scales, g_idx))
     # ... and our decoder refuses it, naming the layer and the likely cause.
     with pytest.raises(MarlinError, match=r"^model.layers.3.mlp.down_proj: qzeros .*looks like gptq_v2"):
-        gptq.decode(v2, g, "v1", name="model.layers.3.mlp.down_proj")
+        gptq.decode_tensors(v2, g, "v1", name="model.layers.3.mlp.down_proj")
     with pytest.raises(MarlinError, match=r"looks like gptq\b"):
-        gptq.decode(v1, g, "v2", name="L")
+        gptq.decode_tensors(v1, g, "v2", name="L")
     for zf, t in (("v1", v1), ("v2", v2)):
-        c, s, perm = gptq.decode(t, g, zf)
+        c, s, perm = gptq.decode_tensors(t, g, zf)
         assert perm is None and torch.equal(c, codes) and torch.equal(s, scales)
 
 
@@ -105,8 +105,8 @@ def test_qweight_is_weight_packed_transposed(g: int) -> None:
     """Same nibble order as compressed-tensors, K vs N transposed (what vLLM's repack relies on)."""
     n, k = 1536, 576
     codes, scales = _random(n, k, g, seed=43)
-    t = gptq.encode(codes, scales, g)
-    c = ct.encode(codes, scales, g, dtype=torch.float16)
+    t = gptq.encode_tensors(codes, scales, g)
+    c = ct.encode_tensors(codes, scales, g, dtype=torch.float16)
     assert torch.equal(t["qweight"], c["weight_packed"].T)
     assert torch.equal(t["scales"], c["weight_scale"].T)
 
@@ -128,7 +128,7 @@ def test_act_order_checkpoint_from_independent_code() -> None:
     w = _dense(q, s.T, g_idx)
     torch.testing.assert_close(_autogptq_dequant(tensors, v1=True), w, rtol=0, atol=0)
 
-    codes_s, scales_s, perm = gptq.decode(tensors, g, "v1", name="L")
+    codes_s, scales_s, perm = gptq.decode_tensors(tensors, g, "v1", name="L")
     assert perm is not None and perm.dtype == torch.int64
     assert torch.equal(torch.sort(perm).values, torch.arange(k))
     assert torch.equal(g_idx[perm], torch.arange(k) // g)  # sorted g_idx is monotone
@@ -141,25 +141,25 @@ def test_act_order_checkpoint_from_independent_code() -> None:
 
 def test_asymmetric_zeros_are_refused() -> None:
     codes, scales = _random(64, 256, 32, seed=53)
-    t = gptq.encode(codes, scales, 32)
+    t = gptq.encode_tensors(codes, scales, 32)
     qz = t["qzeros"].clone()
     qz[2, 1] = 0x77777677  # one zero point of 6 instead of 7
     with pytest.raises(MarlinError, match=r"^model.layers.0.self_attn.q_proj: qzeros .*asymmetric"):
-        gptq.decode(dict(t, qzeros=qz), 32, "v1", name="model.layers.0.self_attn.q_proj")
+        gptq.decode_tensors(dict(t, qzeros=qz), 32, "v1", name="model.layers.0.self_attn.q_proj")
     with pytest.raises(MarlinError, match="^L: sym is false"):
-        gptq.decode(t, 32, "v1", sym=False, name="L")
+        gptq.decode_tensors(t, 32, "v1", sym=False, name="L")
     with pytest.raises(MarlinError, match="L: scales has 8 groups, expected 4"):
-        gptq.decode(t, 64, "v1", name="L")
+        gptq.decode_tensors(t, 64, "v1", name="L")
     with pytest.raises(MarlinError, match="L: K = 256 is not a multiple of the group size 96"):
-        gptq.decode(t, 96, "v1", name="L")
+        gptq.decode_tensors(t, 96, "v1", name="L")
     with pytest.raises(MarlinError, match="L: qweight missing"):
-        gptq.decode({"scales": t["scales"], "qzeros": t["qzeros"]}, 32, name="L")
+        gptq.decode_tensors({"scales": t["scales"], "qzeros": t["qzeros"]}, 32, name="L")
     bad = t["g_idx"].clone()
     bad[:40] = 0
     with pytest.raises(MarlinError, match="L: g_idx"):
-        gptq.decode(dict(t, g_idx=bad), 32, name="L")
+        gptq.decode_tensors(dict(t, g_idx=bad), 32, name="L")
     # An old checkpoint without g_idx decodes with arange(K) // g.
-    c, s, perm = gptq.decode({k: v for k, v in t.items() if k != "g_idx"}, 32, name="L")
+    c, s, perm = gptq.decode_tensors({k: v for k, v in t.items() if k != "g_idx"}, 32, name="L")
     assert perm is None and torch.equal(c, codes)
 
 
@@ -168,18 +168,18 @@ def test_config_is_autogptq_layout() -> None:
     expected = {"bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
                 "sym": True, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": None,
                 "quant_method": "gptq", "checkpoint_format": "gptq", "lm_head": False}
-    ours = gptq.quantization_config(128)
+    ours = gptq.build_config(128)
     assert ours == expected and list(ours) == list(expected)
-    assert gptq.quantization_config(64, zero_format="v2")["checkpoint_format"] == "gptq_v2"
+    assert gptq.build_config(64, zero_format="v2")["checkpoint_format"] == "gptq_v2"
     for g, desc, zf in [(128, False, "v1"), (64, True, "v2"), (-1, False, "v1"), (-1, True, "v1")]:
-        s = gptq.parse_config(gptq.quantization_config(g, desc_act=desc, zero_format=zf), "c")
+        s = gptq.parse_config(gptq.build_config(g, desc_act=desc, zero_format=zf), "c")
         assert (s.bits, s.group_size, s.sym, s.zero_format) == (4, g, True, zf)
         assert s.desc_act == (desc and g != -1)  # per channel, act-order is a no-op (as in vLLM)
 
 
 def test_config_loads_in_transformers() -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPTQConfig.from_dict(gptq.quantization_config(64, desc_act=True))
+    cfg = transformers.GPTQConfig.from_dict(gptq.build_config(64, desc_act=True))
     assert (cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym) == (4, 64, True, True)
 
 
@@ -208,7 +208,7 @@ def test_parse_config_gptqmodel_style() -> None:
     ({"dynamic": {"-:.*mlp.*": {}}}, "dynamic"),
 ])
 def test_parse_config_refuses(change: dict, field: str) -> None:
-    qc = dict(gptq.quantization_config(128), **change)
+    qc = dict(gptq.build_config(128), **change)
     with pytest.raises(MarlinError) as err:
         gptq.parse_config(qc, "ckpt/config.json")
     msg = str(err.value)
@@ -229,9 +229,9 @@ def test_which_layers_fail() -> None:
 def test_encode_refuses_unwritable() -> None:
     codes, scales = _random(60, 64, 32, seed=1)
     with pytest.raises(ValueError, match="N = 60"):
-        gptq.encode(codes, scales, 32)
+        gptq.encode_tensors(codes, scales, 32)
     with pytest.raises(ValueError, match="zero_format"):
-        gptq.encode(codes, scales, 32, zero_format="v3")  # type: ignore[arg-type]
+        gptq.encode_tensors(codes, scales, 32, zero_format="v3")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("g,zero_format,desc_act", [(64, "v1", False), (64, "v2", False), (-1, "v1", False),
@@ -244,7 +244,7 @@ def test_gptqmodel_torch_kernel_dequantizes_our_export(g: int, zero_format: str,
 
     n, k = 1536, 576
     codes, scales = _random(n, k, g, seed=59)
-    t = gptq.encode(codes, scales, g, zero_format=zero_format)
+    t = gptq.encode_tensors(codes, scales, g, zero_format=zero_format)
     g_idx = t["g_idx"].long()
     if desc_act:
         gen = torch.Generator().manual_seed(61)
@@ -252,7 +252,7 @@ def test_gptqmodel_torch_kernel_dequantizes_our_export(g: int, zero_format: str,
         g_idx = torch.empty(k, dtype=torch.int64)
         g_idx[order] = torch.arange(k) // g
         codes = codes[:, torch.argsort(torch.argsort(g_idx, stable=True))]  # column c gets sorted slot's codes
-        t = dict(gptq.encode(codes, scales, g, zero_format=zero_format), g_idx=g_idx.to(torch.int32))
+        t = dict(gptq.encode_tensors(codes, scales, g, zero_format=zero_format), g_idx=g_idx.to(torch.int32))
     lin = qlinear.TorchLinear(bits=4, group_size=g, sym=True, desc_act=desc_act, in_features=k, out_features=n,
                               bias=False, pack_dtype=torch.int32)
     for name in ("qweight", "qzeros", "scales", "g_idx"):
@@ -264,6 +264,6 @@ def test_gptqmodel_torch_kernel_dequantizes_our_export(g: int, zero_format: str,
     w = lin.dequantize_weight().double()
     w = w.T if tuple(w.shape) == (k, n) else w
     assert torch.equal(w, _dense(codes, scales, g_idx).half().double())
-    codes_s, scales_s, perm = gptq.decode(t, g, zero_format)
+    codes_s, scales_s, perm = gptq.decode_tensors(t, g, zero_format)
     if desc_act:
         assert perm is not None and torch.equal(codes_s, codes[:, perm])

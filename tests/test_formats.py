@@ -41,7 +41,8 @@ def codes_format() -> ModuleType:
 def small_rtn(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = checkpoint_cache.shallow_copy(builtin_model_dir, tmp_path_factory.mktemp("src") / "two", 2)
     out = tmp_path_factory.mktemp("ckpt") / "rtn"
-    quantize(QuantizeJob(model=str(src), out=out, settings=QuantSettings(group_size=64, nearest=True)), progress=False)
+    quantize(QuantizeJob(model=str(src), out=out, settings=QuantSettings(group_size=64, nearest=True,
+                                                                           format="marlin")), progress=False)
     return out
 
 
@@ -66,20 +67,33 @@ def test_a_codes_reader_loads_the_same_model_as_the_packed_one(small_rtn: Path, 
     assert torch.equal(layer.qweight, packed.model.layers[0].self_attn.q_proj.qweight)
 
 
-def test_act_order_codes_are_refused(small_rtn: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_act_order_codes_load_with_their_permutation(small_rtn: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Columns sorted by a permutation P (as a reader hands act-order layers) give the unpermuted model."""
+    packed = loading.load_quantized(small_rtn, dtype=torch.float32)
     module = codes_format()
     plain = module.read
+    gen = torch.Generator().manual_seed(0)
 
     def shuffled(source, qc):  # noqa: ANN001, ANN202
         for item in plain(source, qc):
-            yield CodesLinear(item.name, item.codes, item.scales, item.group_size, item.g_idx.flip(0))
+            k = item.codes.shape[1]
+            # Groups shuffled, and columns shuffled within each group: column j (group j // g) is column p[j].
+            g = item.group_size
+            within = torch.argsort(torch.rand(k // g, g, generator=gen), dim=1).reshape(-1)
+            p = torch.randperm(k // g, generator=gen).repeat_interleave(g) * g + within
+            groups = p.reshape(-1, g)[:, 0] // g
+            yield CodesLinear(item.name, item.codes[:, p], item.scales[:, groups], g, perm=p)
 
     module.read = shuffled
     monkeypatch.setattr(marlin, "recognizes", lambda qc: False)
     monkeypatch.setitem(formats.FORMATS, "codes", module)
     module.recognizes = lambda qc: True
-    with pytest.raises(MarlinError, match="act-order"):
-        loading.load_quantized(small_rtn)
+    model = loading.load_quantized(small_rtn, dtype=torch.float32)
+    assert model.model.layers[0].self_attn.q_proj.perm is not None
+    ids = torch.tensor([[1, 42, 7, 300, 5]])
+    with torch.no_grad():
+        want, got = packed(ids).logits, model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_a_format_check_stops_the_run_before_any_work(builtin_model_dir: Path, tmp_path: Path,

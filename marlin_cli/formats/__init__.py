@@ -23,6 +23,8 @@ tensors and ``quantization_config`` of its format, and reads them back. It does 
     The ``quantization_config`` entry of the checkpoint's config.json, from the run's settings and the
     full names of the quantized linears (everything else is fp16).
 
+``check`` of compressed-tensors and GPTQ also returns what to do (a group size that works, ``--format marlin``).
+
 ``recognizes(qc: dict) -> bool``
     Whether a config.json's ``quantization_config`` belongs to this format (the loader asks every
     registered format in turn).
@@ -32,6 +34,8 @@ tensors and ``quantization_config`` of its format, and reads them back. It does 
     loaded as they are) or codes + scales (+ optional ``g_idx``) in the layer's orientation
     (:class:`CodesLinear`, which the loader repacks with :meth:`gptq.linear.MarlinLinear.from_codes`).
     Raise :class:`MarlinError` for a checkpoint this tool cannot serve (e.g. asymmetric zero points).
+    Act-order layers come sorted into their groups with :attr:`CodesLinear.perm` (the loader gathers the
+    activation columns at run time, as vLLM's gptq_marlin does).
 
 A new format plugs in by adding its module to :data:`FORMATS` below; ``QuantSettings`` accepts every
 name in :data:`FORMATS`, ``marlin quantize`` writes with it, and ``marlin_cli.loading`` reads with it.
@@ -41,10 +45,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from marlin_cli.formats import marlin
+from marlin_cli.formats import compressed_tensors, gptq, marlin
 from marlin_cli.formats.base import CodesLinear, LinearShape, PackedLinear, QuantizedLinear, TensorSource
 
-FORMATS: dict[str, ModuleType] = {marlin.NAME: marlin}
-"""Every format this tool writes and reads, by name. compressed-tensors and GPTQ join here."""
+FORMATS: dict[str, ModuleType] = {compressed_tensors.NAME: compressed_tensors, gptq.NAME: gptq, marlin.NAME: marlin}
+"""Every format this tool writes and reads, by name (the first is ``marlin quantize``'s default)."""
 
-__all__ = ["FORMATS", "CodesLinear", "LinearShape", "PackedLinear", "QuantizedLinear", "TensorSource", "marlin"]
+__all__ = ["FORMATS", "CodesLinear", "LinearShape", "PackedLinear", "QuantizedLinear", "TensorSource", "compressed_tensors", "gptq",
+           "marlin"]

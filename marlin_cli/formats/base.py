@@ -60,7 +60,8 @@ class CodesLinear:
             converts or refuses).
         scales: float [N, G].
         g_idx: optional int [K], the group of each input feature; ``None`` or ``arange(K) // g`` are the
-            plain layout, anything else (act-order) is refused by the loader.
+            plain layout; anything else must come sorted, with :attr:`perm` (a reader sorts act-order
+            layers, so ``g_idx`` is informational).
     """
 
     name: str
@@ -68,6 +69,9 @@ class CodesLinear:
     scales: torch.Tensor
     group_size: int
     g_idx: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+    """Act-order: int64 [K] with ``codes[:, j]`` = original input column ``perm[j]`` (columns already sorted
+    into their groups, ``j // g``); the layer computes ``y = x[..., perm] @ W_sorted^T``. None: no reordering."""
 
 
 class TensorSource(Protocol):
@@ -76,3 +80,42 @@ class TensorSource(Protocol):
     def __contains__(self, name: str) -> bool: ...
 
     def get(self, name: str) -> torch.Tensor: ...
+
+    def names(self) -> list[str]: ...
+
+
+def summarize(problems: list[str], hint: str) -> list[str]:
+    """``"layer: reason"`` lines -> one line per distinct reason naming its layers (4, then a count), then ``hint``.
+
+    What a format's ``check`` returns: short enough to read, and it still names every kind of problem."""
+    by_reason: dict[str, list[str]] = {}
+    for line in problems:
+        layer, _, reason = line.partition(": ")
+        by_reason.setdefault(reason, []).append(layer)
+    out = []
+    for reason, layers in by_reason.items():
+        more = f" and {len(layers) - 4} more" if len(layers) > 4 else ""
+        out.append(f"{reason} in {len(layers)} linear(s) ({', '.join(layers[:4])}{more})")
+    return [*out, hint] if out else []
+
+
+VLLM_MARLIN_MIN_N = 64
+VLLM_MARLIN_MIN_K = 128
+"""vLLM's ``check_marlin_supports_shape`` (``marlin_utils.py``): ``output_size_per_partition % 64 == 0`` and
+``input_size_per_partition % 128 == 0`` (GPTQ_MARLIN_MIN_THREAD_N / _K), else its Marlin kernel is not used."""
+
+
+def vllm_marlin_warning(shapes: list[LinearShape], fmt_name: str) -> str | None:
+    """A one-line warning naming the linears that vLLM's Marlin kernel will not take (None if all fit).
+
+    Without tensor parallelism; with it, vLLM checks the per-GPU slices (N / tp for q/k/v/gate/up, K / tp for
+    o/down), so larger tp can only add layers to this list."""
+    bad = [s for s in shapes if s.out_features % VLLM_MARLIN_MIN_N or s.in_features % VLLM_MARLIN_MIN_K]
+    if not bad:
+        return None
+    first = bad[0]
+    return (f"warning: {len(bad)} of {len(shapes)} linears (e.g. {first.name}, K = {first.in_features}, "
+            f"N = {first.out_features}) do not meet vLLM's Marlin shape rule (N % {VLLM_MARLIN_MIN_N} == 0 and "
+            f"K % {VLLM_MARLIN_MIN_K} == 0, vLLM marlin_utils.check_marlin_supports_shape): vLLM will serve this "
+            f"{fmt_name} checkpoint with another kernel (e.g. Machete, Exllama, or its fallback) or refuse it; "
+            "this tool's own loader runs every shape")

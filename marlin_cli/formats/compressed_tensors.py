@@ -24,25 +24,30 @@ Per linear layer the checkpoint holds
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from marlin_cli.errors import MarlinError
+from marlin_cli.formats.base import CodesLinear, LinearShape, QuantizedLinear, TensorSource, summarize
+
+if TYPE_CHECKING:  # settings imports the format registry, which imports this module
+    from marlin_cli.settings import QuantSettings
 
 __all__ = [
     "CT_VERSION",
     "CTScheme",
-    "decode",
-    "encode",
+    "decode_tensors",
+    "encode_tensors",
     "parse_config",
-    "quantization_config",
+    "build_config",
     "which_layers_fail",
 ]
 
 CT_VERSION = "0.19.0"
-"""The compressed-tensors release whose config.json output :func:`quantization_config` reproduces (the one
+"""The compressed-tensors release whose config.json output :func:`build_config` reproduces (the one
 llm-compressor 0.14.0.1 pins)."""
 
 ZERO_CODE = 8
@@ -115,7 +120,7 @@ def _check_codes_scales(codes: torch.Tensor, scales: torch.Tensor, group_size: i
     return n, k, groups
 
 
-def encode(
+def encode_tensors(
     codes: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float16
 ) -> dict[str, torch.Tensor]:
     """One linear layer to its ``pack-quantized`` tensors.
@@ -137,10 +142,10 @@ def encode(
     }
 
 
-def decode(
+def decode_tensors(
     tensors: dict[str, torch.Tensor], name: str = "layer", group_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One layer's ``pack-quantized`` tensors back to codes and scales (exact inverse of :func:`encode`).
+    """One layer's ``pack-quantized`` tensors back to codes and scales (exact inverse of :func:`encode_tensors`).
 
     Args:
         tensors: ``weight_packed`` int32 [N, K/8], ``weight_scale`` [N, G], ``weight_shape`` [2] and, for
@@ -218,7 +223,7 @@ def act_order_perm(g_idx: torch.Tensor, k: int, groups: int, name: str, field: s
 # ---------------------------------------------------------------------------------------------------------
 
 
-def quantization_config(
+def build_config(
     group_size: int,
     ignore: list[str] | tuple[str, ...] = ("lm_head",),
     targets: list[str] | tuple[str, ...] = ("Linear",),
@@ -412,3 +417,66 @@ def which_layers_fail(shapes: dict[str, tuple[int, int]], group_size: int) -> li
         elif group_size != -1 and k % group_size:
             problems.append(f"{name}: K = {k} is not a multiple of the group size {group_size}")
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The format interface (marlin_cli.formats)
+# ---------------------------------------------------------------------------------------------------------
+
+NAME = "compressed-tensors"
+LAYER_TENSORS = ("weight_packed", "weight_scale", "weight_shape", "weight_g_idx", "weight_zero_point")
+
+
+def fix_hint(shapes: Sequence[LinearShape], fail: Any, fmt_name: str) -> str:
+    """What to do when ``fail(shapes, g)`` finds problems: the group sizes that would work, or ``--format marlin``."""
+    from gptq.format import GROUP_SIZES
+
+    table = {s.name: (s.in_features, s.out_features) for s in shapes}
+    ok = [str(g) for g in GROUP_SIZES if not fail(table, g)]
+    other = f"use --group-size {' or '.join(ok)}, or " if ok else "use "
+    return (f"{other}--format marlin (pads any shape; served by this tool's loader, not by vLLM/SGLang); "
+            f"nothing was written and no layer is left dense in the {fmt_name} format")
+
+
+def check(shapes: Sequence[LinearShape], group_size: int) -> list[str]:
+    """Linears this format cannot hold at this group size (K not a multiple of 8 or of g), and what to do."""
+    problems = which_layers_fail({s.name: (s.in_features, s.out_features) for s in shapes}, group_size)
+    return summarize(problems, fix_hint(shapes, which_layers_fail, NAME)) if problems else []
+
+
+def encode(linear: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """``<name>.weight_packed`` / ``.weight_scale`` (fp16) / ``.weight_shape`` for one quantized linear."""
+    tensors = encode_tensors(linear.codes, linear.scales, linear.group_size, dtype=torch.float16)
+    return {f"{linear.name}.{key}": value for key, value in tensors.items()}
+
+
+def quantization_config(settings: QuantSettings, modules: Sequence[str]) -> dict[str, Any]:
+    """llm-compressor's W4A16 entry for the run's group size: every ``Linear`` quantized except ``lm_head``.
+
+    Every decoder linear is quantized (``--skip-gq`` is refused for this format by the settings), and
+    embeddings / lm_head stay dense, so ``targets: ["Linear"]`` with ``ignore: ["lm_head"]`` is exact."""
+    return build_config(settings.group_size)
+
+
+def recognizes(qc: dict) -> bool:
+    """True for a compressed-tensors ``quantization_config``."""
+    return qc.get("quant_method") == "compressed-tensors"
+
+
+def layer_names(source: TensorSource, suffix: str) -> list[str]:
+    """Modules of ``source`` that hold a tensor ``<module>.<suffix>``, in storage order."""
+    tail = "." + suffix
+    return [name[: -len(tail)] for name in source.names() if name.endswith(tail)]
+
+
+def read(source: TensorSource, qc: dict) -> Iterator[CodesLinear]:
+    """Codes and scales of every ``pack-quantized`` linear (act-order layers sorted, with their permutation)."""
+    where = f"{getattr(source, 'model_dir', 'checkpoint')}/config.json"
+    scheme = parse_config(qc, where)
+    layers = layer_names(source, "weight_packed")
+    if not layers:
+        raise MarlinError(f"{where} says compressed-tensors, but no tensor is named '<layer>.weight_packed'")
+    for layer in layers:
+        tensors = {key: source.get(f"{layer}.{key}") for key in LAYER_TENSORS if f"{layer}.{key}" in source}
+        codes, scales, perm = decode_tensors(tensors, layer, scheme.group_size)
+        yield CodesLinear(layer, codes, scales, scheme.group_size, perm=perm)

@@ -21,6 +21,13 @@ RUN_RECORD = "marlin_run.json"
 """The run record every checkpoint carries: how it was made (settings, source, versions, per-layer errors)."""
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def check_output_dir(out_dir: Path, force: bool) -> None:
     """Refuse to touch an existing ``out_dir`` unless ``force``; call before any expensive work."""
     if out_dir.exists() and not force:
@@ -70,7 +77,9 @@ class CheckpointWriter:
         if not self._pending:
             return
         idx = len(self._shards)
-        save_file(self._pending, str(self.tmp / f"shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
+        shard = self.tmp / f"shard-{idx:05d}.safetensors"
+        save_file(self._pending, str(shard), metadata={"format": "pt"})
+        shard.chmod(0o666 & ~_umask())  # safetensors writes 0600 (a private temp file); use the user's umask
         self._shards.append(list(self._pending))
         self.total_bytes += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0

@@ -19,25 +19,30 @@ Per linear layer (``B = W^T`` orientation, [K, N]):
   adds 1 back when reading; GPTQModel's v2 (``gptq_v2``) stores z = 8 (0x88888888).
 - ``g_idx``   int32 [K]: group of input row k; ``arange(K) // g`` unless act-order (``desc_act``), where it
   is non-monotone. vLLM sorts it once (``marlin_sort_g_idx``), permutes the weight rows at load and gathers
-  the activation columns at run time; :func:`decode` returns that permutation.
+  the activation columns at run time; :func:`decode_tensors` returns that permutation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from marlin_cli.errors import MarlinError
+from marlin_cli.formats.base import CodesLinear, LinearShape, QuantizedLinear, TensorSource, summarize
 from marlin_cli.formats.compressed_tensors import act_order_perm, pack_int4, unpack_int4
+
+if TYPE_CHECKING:  # settings imports the format registry, which imports this module
+    from marlin_cli.settings import QuantSettings
 
 __all__ = [
     "GPTQScheme",
-    "decode",
-    "encode",
+    "decode_tensors",
+    "encode_tensors",
     "parse_config",
-    "quantization_config",
+    "build_config",
     "which_layers_fail",
     "ZERO_WORD",
 ]
@@ -82,7 +87,7 @@ def _check_zero_format(zero_format: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def encode(
+def encode_tensors(
     codes: torch.Tensor,
     scales: torch.Tensor,
     group_size: int,
@@ -125,7 +130,7 @@ def encode(
     }
 
 
-def decode(
+def decode_tensors(
     tensors: dict[str, torch.Tensor],
     group_size: int,
     zero_format: ZeroFormat = "v1",
@@ -197,7 +202,7 @@ def decode(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def quantization_config(
+def build_config(
     group_size: int,
     desc_act: bool = False,
     zero_format: ZeroFormat = "v1",
@@ -297,3 +302,54 @@ def which_layers_fail(shapes: dict[str, tuple[int, int]], group_size: int) -> li
         if n % 8:
             problems.append(f"{name}: N = {n} is not a multiple of 8 (qzeros packs 8 columns per int32)")
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The format interface (marlin_cli.formats)
+# ---------------------------------------------------------------------------------------------------------
+
+NAME = "gptq"
+LAYER_TENSORS = ("qweight", "scales", "qzeros", "g_idx")
+
+
+def check(shapes: Sequence[LinearShape], group_size: int) -> list[str]:
+    """Linears GPTQ cannot hold at this group size (K not a multiple of 8 or g, N not of 8), and what to do."""
+    from marlin_cli.formats.compressed_tensors import fix_hint
+
+    problems = which_layers_fail({s.name: (s.in_features, s.out_features) for s in shapes}, group_size)
+    return summarize(problems, fix_hint(shapes, which_layers_fail, NAME)) if problems else []
+
+
+def encode(linear: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """``<name>.qweight`` / ``.scales`` (fp16) / ``.qzeros`` (v1: 0x77777777) / ``.g_idx`` for one linear."""
+    tensors = encode_tensors(linear.codes, linear.scales, linear.group_size, zero_format="v1", dtype=torch.float16)
+    return {f"{linear.name}.{key}": value for key, value in tensors.items()}
+
+
+def quantization_config(settings: QuantSettings, modules: Sequence[str]) -> dict[str, Any]:
+    """AutoGPTQ's config with ``checkpoint_format: gptq`` (v1 zeros), no act-order, ``lm_head: false``.
+
+    Every decoder linear is quantized (``--skip-gq`` is refused for this format by the settings: GPTQ clients
+    quantize every linear of a block unless per-module ``dynamic`` rules say otherwise)."""
+    return build_config(settings.group_size, desc_act=False, zero_format="v1", damp_percent=settings.damp,
+                        true_sequential=settings.true_sequential)
+
+
+def recognizes(qc: dict) -> bool:
+    """True for a GPTQ ``quantization_config`` (AutoGPTQ / GPTQModel / transformers' GPTQConfig)."""
+    return str(qc.get("quant_method", "")).lower() == "gptq"
+
+
+def read(source: TensorSource, qc: dict) -> Iterator[CodesLinear]:
+    """Codes and scales of every GPTQ linear (zeros checked against v1/v2; act-order sorted, with its permutation)."""
+    from marlin_cli.formats.compressed_tensors import layer_names
+
+    where = f"{getattr(source, 'model_dir', 'checkpoint')}/config.json"
+    scheme = parse_config(qc, where)
+    layers = layer_names(source, "qweight")
+    if not layers:
+        raise MarlinError(f"{where} says GPTQ, but no tensor is named '<layer>.qweight'")
+    for layer in layers:
+        tensors = {key: source.get(f"{layer}.{key}") for key in LAYER_TENSORS if f"{layer}.{key}" in source}
+        codes, scales, perm = decode_tensors(tensors, scheme.group_size, scheme.zero_format, scheme.sym, layer)
+        yield CodesLinear(layer, codes, scales, scheme.group_size, perm=perm)

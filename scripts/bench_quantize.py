@@ -1,7 +1,8 @@
 """Benchmark: quantization time per decoder layer and peak memory of `marlin quantize` on the built-in model.
 
-Baseline: the original Marlin GPTQ on the same 2-core CPU, same calibration budget (64 Python-doc documents
-x 512 tokens, g64, damping 0.1): 268 s with group grid clipping, 173 s without (shared/design/seed-facts.md).
+Baseline: the original Marlin GPTQ (the gptq/ code of github.com/IST-DASLab/marlin) timed on the same 2-core CPU
+with the same calibration budget (64 Python-doc documents x 512 tokens, g64, damping 0.1): 268 s with group grid
+clipping, 173 s without (the measurement README.md's "Quantization speed and memory" table compares against).
 
     python scripts/bench_quantize.py [--no-clip] [--group-size 64] [--json out.json]
 """
@@ -21,7 +22,7 @@ import torch
 from marlin_cli.pipeline.quantize import QuantizeJob, quantize
 from marlin_cli.settings import QuantSettings
 
-ORIGINAL_SECONDS = {True: 268.0, False: 173.0}  # clip -> seconds, original GPTQ on this CPU (seed-facts.md)
+ORIGINAL_SECONDS = {True: 268.0, False: 173.0}  # clip -> seconds, original GPTQ on this CPU (see the docstring)
 
 
 def main() -> None:

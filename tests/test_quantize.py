@@ -92,8 +92,9 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def gptq_run(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
     """GPTQ with group grid clipping, g64, on the built-in model (kept codes and scales for the checks)."""
     out = tmp_path_factory.mktemp("gptq") / "clip"
-    return quantize(QuantizeJob(model=str(builtin_model_dir), out=out, settings=QuantSettings(group_size=GROUP, **CALIB)),
-                    progress=False, keep_matrices=True)
+    settings = QuantSettings(group_size=GROUP, **CALIB)
+    return quantize(QuantizeJob(model=str(builtin_model_dir), out=out, settings=settings), progress=False,
+                    keep_matrices=True)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,7 @@ def held_out_ppl(path: Path, tokenizer) -> dict[str, float]:  # noqa: ANN001
     return {"pydocs": docs.ppl, "botchan": prose.ppl}
 
 
+@pytest.mark.slow
 def test_gptq_beats_round_to_nearest_and_clipping_does_not_lose(
     builtin_model_dir: Path, tokenizer, gptq_run: QuantizeResult, gptq_noclip_dir: Path, rtn_dir: Path
 ) -> None:
@@ -133,6 +135,7 @@ def test_gptq_beats_round_to_nearest_and_clipping_does_not_lose(
     assert len(set(sizes.values())) == 1, sizes
 
 
+@pytest.mark.slow
 def test_saved_checkpoint_gives_the_logits_of_the_in_memory_quantized_model(
     builtin_model_dir: Path, gptq_run: QuantizeResult, tokenizer
 ) -> None:
@@ -148,6 +151,7 @@ def test_saved_checkpoint_gives_the_logits_of_the_in_memory_quantized_model(
     assert (logits(fp32_model(builtin_model_dir), ids) - want).abs().max() > 100 * 1e-4 * want.abs().max()
 
 
+@pytest.mark.slow
 def test_each_layer_is_quantized_on_the_outputs_of_the_quantized_layers_before_it(
     builtin_model_dir: Path, gptq_run: QuantizeResult, tokenizer
 ) -> None:
@@ -188,6 +192,7 @@ def test_each_layer_is_quantized_on_the_outputs_of_the_quantized_layers_before_i
         assert abs(errors["unquantized"] / errors["quantized"] - 1) > 1e-3, (name, errors)
 
 
+@pytest.mark.slow
 def test_checkpoint_folder_holds_config_tokenizer_and_run_record(gptq_run: QuantizeResult, tokenizer) -> None:
     out = gptq_run.out_dir
     config = json.loads((out / "config.json").read_text())

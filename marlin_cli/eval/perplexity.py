@@ -1,6 +1,7 @@
 """Perplexity protocols as pure functions over a causal LM and token tensors.
 
-Two protocols, as in the original Marlin/GPTQ evaluation (seed-facts.md), each named in every result:
+Two protocols, as in the GPTQ (Frantar et al., 2022) and Marlin (Frantar et al., 2024, arXiv 2408.11743)
+evaluations, each named in every result:
 
 - ``stream`` (WikiText-2 style): one long token stream cut into non-overlapping windows of ``seqlen``
   tokens, the last partial window dropped; each window is its own forward pass and scores its

@@ -50,13 +50,18 @@ rows on: the mma.sync kernel handles 64 fp16 rows (32 bf16 rows) per pass over t
 H100 it beats dequantize + cuBLAS up to 128 rows and loses at 256 (Llama-2-7B shapes). bf16 inputs always
 use a fused kernel: rounding the dequantized weights to bf16 costs about 2e-3 relative error, above the
 1e-3 the fused kernels meet."""
-DENSE_MIN_ROWS_WGMMA = 1024
-"""With the wgmma kernel (sm_90), fp16 inputs use dequantize + cuBLAS from this many rows on (prompt prefill
-sizes). Measured on an H200 (g128, sums over the four Llama-2 layers, us, wgmma / dense): 7B 768 rows
-582.9 / 565.0, 1024 rows 787.7 / 737.1, 1536 rows 1208.6 / 1043.9; 70B 768 rows 2310.3 / 2590.9, 1024
-rows 3149.0 / 3117.2, 1536 rows 4903.9 / 4579.3. The crossover depends on the layer (k = 4096 layers
-cross before 768 rows, k >= 8192 ones near 1024); with 1024 the wrong choice costs at most ~3% of a model's
-sum in these runs (7B at 768 rows)."""
+DENSE_MIN_ROWS_WGMMA = {"H100": 1200, "": 1024}
+"""With the wgmma kernels (sm_90), fp16 inputs use dequantize + cuBLAS from this many rows on (prompt prefill
+sizes), by device name substring ("" for any other sm_90 GPU). Sums over the four Llama-2 layers, g128, us,
+wgmma / dense, each pair measured in one run with ``scripts/bench_kernel.py --paths wgmma dense``:
+- H100 80GB HBM3, the TMA wgmma kernel (2026-12-06, 92d1582): 7B 768 rows 547.2 / 592.5, 1024 rows
+  670.1 / 726.7, 1536 rows 1077.4 / 1004.9; 70B 768 rows 2146.0 / 2541.7, 1024 rows 2832.0 / 3045.6, 1536
+  rows 4988.2 / 4294.7. The fused kernel wins at 1024 and dense at 1536 on both models; the ratio, linearly
+  interpolated, crosses 1 near 1180 (70B) and 1250 (7B) rows, hence 1200.
+- H200, the cp.async wgmma kernel before the TMA producer (round 4): 7B 768 rows 582.9 / 565.0, 1024 rows
+  787.7 / 737.1, 1536 rows 1208.6 / 1043.9; 70B 768 rows 2310.3 / 2590.9, 1024 rows 3149.0 / 3117.2; kept
+  at 1024 for GPUs other than the H100 until the TMA kernel is measured there (it gained 3-5% at 256-512
+  rows on the H100, so the crossover can only have moved up)."""
 
 
 def _source_dir() -> Path:
@@ -111,13 +116,7 @@ def wgmma_available(device: torch.device | int | None = None) -> bool:
     """Whether the Hopper wgmma kernel runs on ``device`` (default: the current CUDA device)."""
     if not torch.cuda.is_available():
         return False
-    if isinstance(device, int):
-        index = device
-    elif device is not None and torch.device(device).index is not None:
-        index = torch.device(device).index
-    else:
-        index = torch.cuda.current_device()
-    return bool(_extension().wgmma_available(index))
+    return bool(_extension().wgmma_available(_device_index(device)))
 
 
 def _checked(result: tuple[torch.Tensor | None, int, str]) -> torch.Tensor:
@@ -193,6 +192,30 @@ def check_inputs(
     return m, k_pad, n_pad
 
 
+def _device_index(device: torch.device | int | None) -> int:
+    if isinstance(device, int):
+        return device
+    if device is not None and torch.device(device).index is not None:
+        return torch.device(device).index
+    return torch.cuda.current_device()
+
+
+@functools.cache
+def _dense_min_rows(index: int) -> int:
+    if not wgmma_available(index):
+        return DENSE_MIN_ROWS
+    name = torch.cuda.get_device_name(index)
+    return next(
+        (rows for key, rows in DENSE_MIN_ROWS_WGMMA.items() if key and key in name), DENSE_MIN_ROWS_WGMMA[""]
+    )
+
+
+def dense_min_rows(device: torch.device | int | None = None) -> int:
+    """Rows from which fp16 inputs on CUDA ``device`` (default: the current one) take dequantize + cuBLAS under
+    PATH_AUTO: DENSE_MIN_ROWS without the wgmma kernels, else DENSE_MIN_ROWS_WGMMA's entry for the device."""
+    return _dense_min_rows(_device_index(device))
+
+
 def uses_dense_path(m: int, dtype: torch.dtype, path: int, device: torch.device | int | None = None) -> bool:
     """Whether a CUDA call with ``m`` rows of ``dtype`` on ``device`` runs dequantize + cuBLAS instead of a
     fused kernel."""
@@ -200,7 +223,7 @@ def uses_dense_path(m: int, dtype: torch.dtype, path: int, device: torch.device 
         return True
     if path != PATH_AUTO or dtype != torch.float16 or m < DENSE_MIN_ROWS:
         return False
-    return m >= (DENSE_MIN_ROWS_WGMMA if wgmma_available(device) else DENSE_MIN_ROWS)
+    return m >= dense_min_rows(device)
 
 
 @torch.library.custom_op("marlin::gemm", mutates_args=())

@@ -313,12 +313,12 @@ def bench_shape(
     return rows
 
 
-def summary_table(rows: list[Row], device: str, peers_note: str) -> str:
+def summary_table(rows: list[Row], device: str, peers_note: str, rounds: int = ROUNDS) -> str:
     """Per-model sums over the four layers, one line per dtype and batch; ratios = cuBLAS / kernel."""
     paths = sorted({p for r in rows for p in r.paths_us})
     peers = [p for p in PEER_NAMES if any(p in r.peers_us for r in rows)]
     lines = [
-        f"device: {device}   (g{GROUP}, CUDA graphs, weights rotated > 256 MB, best of {ROUNDS} rounds; "
+        f"device: {device}   (g{GROUP}, CUDA graphs, weights rotated > 256 MB, best of {rounds} rounds; "
         "sums over the 4 layers in us; (x) = cuBLAS time / kernel time)",
         f"peers: {', '.join(peers) if peers else 'skipped: ' + peers_note}",
         f"{'dtype':5s} {'shape':10s} {'batch':>5s} {'cublas':>8s} {'ours':>16s} {'of floor':>8s} "
@@ -391,7 +391,7 @@ def main() -> None:
             for k, n in MODELS[model]:
                 rows.extend(bench_shape(model, k, n, dtype_name, args, peers, ceilings, gen))
                 torch.cuda.empty_cache()
-    table = summary_table(rows, device, why)
+    table = summary_table(rows, device, why, args.rounds)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         payload = {

@@ -179,7 +179,9 @@ def test_dequantize_matches_format(k: int, n: int) -> None:
 def test_automatic_path_by_rows(dtype: torch.dtype) -> None:
     """fp16 switches to dequantize + cuBLAS at the documented row count for this GPU (and is right on both
     sides of it); bf16 stays fused at any m; forced fused paths never switch."""
-    dense_from = kernel.DENSE_MIN_ROWS_WGMMA if kernel.wgmma_available() else kernel.DENSE_MIN_ROWS
+    dense_from = kernel.dense_min_rows()
+    assert dense_from in (kernel.DENSE_MIN_ROWS, *kernel.DENSE_MIN_ROWS_WGMMA.values()), dense_from
+    assert (dense_from == kernel.DENSE_MIN_ROWS) == (not kernel.wgmma_available())
     for m in (dense_from - 1, dense_from):
         expect_dense = dtype == torch.float16 and m == dense_from
         assert kernel.uses_dense_path(m, dtype, kernel.PATH_AUTO) == expect_dense, (m, dtype)

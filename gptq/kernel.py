@@ -8,7 +8,7 @@ implementation, so it traces under ``torch.compile`` and can be captured in CUDA
 The op keeps no state between calls: its fp32 split-k scratch comes from torch's caching allocator on
 each call (inside a CUDA graph, from the graph's pool).
 
-Public API: :func:`marlin_gemm`, :func:`kernel_available`, :func:`wgmma_available`.
+Public API: :func:`marlin_gemm`, :func:`kernel_available`, :func:`wgmma_available`, :func:`dense_min_rows`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import click
 
 from marlin_cli import __version__
 from marlin_cli.commands.eval_ppl import eval_ppl_command
+from marlin_cli.commands.export import export_command
 from marlin_cli.commands.fetch_assets import fetch_assets_command
 from marlin_cli.commands.lm_eval import lm_eval_command
 from marlin_cli.commands.pack import pack_command
@@ -34,7 +35,7 @@ def main() -> None:
     """GPTQ 4-bit quantization to the Marlin kernel format, and honest perplexity evaluation."""
 
 
-for command in (quantize_command, pack_command, eval_ppl_command, lm_eval_command, reproduce_command,
+for command in (quantize_command, pack_command, export_command, eval_ppl_command, lm_eval_command, reproduce_command,
                 fetch_assets_command):
     main.add_command(command)
 

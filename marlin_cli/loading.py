@@ -136,13 +136,15 @@ def _quantized_linear(item: PackedLinear | CodesLinear, bias: torch.Tensor | Non
                                   "group; this checkpoint cannot be served")
             codes = codes[:, perm]
     if group_size not in GROUP_SIZES:
-        # A group of 256 (or any multiple of 128) is the same weight as groups of 128 sharing a scale.
-        if group_size > 0 and group_size % 128 == 0 and k % group_size == 0:
-            scales = scales.repeat_interleave(group_size // 128, dim=1)
-            group_size = 128
-        else:
+        # Groups of 192 (or any multiple of 128, 64 or 32) are the same weight as groups of 128 / 64 / 32 that
+        # share their scales: exact.
+        target = next((t for t in sorted(GROUP_SIZES, reverse=True) if t > 0 and group_size > 0 and
+                       group_size % t == 0), None)
+        if target is None or k % group_size:
             raise MarlinError(f"{item.name}: group size {group_size}; the Marlin kernel here takes "
-                              f"{', '.join(map(str, GROUP_SIZES))} (or a multiple of 128)")
+                              f"{', '.join(map(str, GROUP_SIZES))} or a multiple of 32")
+        scales = scales.repeat_interleave(group_size // target, dim=1)
+        group_size = target
     scale_dtype = scales.dtype if scales.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
     try:
         return MarlinLinear.from_codes(codes, scales, group_size, bias=bias, scale_dtype=scale_dtype,

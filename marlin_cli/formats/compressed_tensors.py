@@ -434,8 +434,8 @@ def fix_hint(shapes: Sequence[LinearShape], fail: Any, fmt_name: str) -> str:
     table = {s.name: (s.in_features, s.out_features) for s in shapes}
     ok = [str(g) for g in GROUP_SIZES if not fail(table, g)]
     other = f"use --group-size {' or '.join(ok)}, or " if ok else "use "
-    return (f"{other}--format marlin (pads any shape; served by this tool's loader, not by vLLM/SGLang); "
-            f"nothing was written and no layer is left dense in the {fmt_name} format")
+    return (f"{other}--format marlin (pads any shape; read by this tool, not by vLLM or SGLang); "
+            "nothing was written")
 
 
 def check(shapes: Sequence[LinearShape], group_size: int) -> list[str]:

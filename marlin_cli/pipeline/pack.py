@@ -1,4 +1,5 @@
-"""``marlin pack``: a model whose linear weights already lie on a symmetric 4-bit grid -> a Marlin checkpoint.
+"""``marlin pack``: a model whose linear weights already lie on a symmetric 4-bit grid -> a quantized checkpoint
+in any format of :data:`marlin_cli.formats.FORMATS` (``--format``).
 
 Input: a Hugging Face model folder (fp16/bf16/fp32 weights, e.g. exported by a fake-quantizing tool) and a
 safetensors file holding ``<linear name>.scales`` [out_features, groups] for every quantized linear
@@ -19,9 +20,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from marlin_cli.errors import MarlinError
-from marlin_cli.formats import marlin
+from marlin_cli.formats import FORMATS, LinearShape, marlin
 from marlin_cli.formats.folder import CheckpointWriter, check_output_dir
-from marlin_cli.pipeline.export import write_tensors
+from marlin_cli.pipeline.export import SERVED, check_fused, write_tensors
 from marlin_cli.pipeline.models import arch_spec, resolve_model_dir
 from marlin_cli.pipeline.weights import WeightStore
 from marlin_cli.settings import QuantSettings
@@ -76,9 +77,10 @@ def codes_from_grid(name: str, w: torch.Tensor, s: torch.Tensor, group_size: int
 
 
 def pack_fake_quantized(model: Path | str, scales_file: Path, group_size: int, out: Path,
-                        force: bool = False) -> tuple[Path, int]:
-    """Write a Marlin checkpoint from a fake-quantized model. Returns (checkpoint folder, linears packed)."""
-    settings = QuantSettings(group_size=group_size)  # checks the group size
+                        force: bool = False, format_name: str = "marlin") -> tuple[Path, int]:
+    """Write a checkpoint in ``format_name`` from a fake-quantized model. Returns (folder, linears packed)."""
+    settings = QuantSettings(group_size=group_size, format=format_name)  # checks the group size and format
+    codec = FORMATS[format_name]
     out = Path(out)
     check_output_dir(out, force)
     model_dir = resolve_model_dir(str(model))
@@ -102,16 +104,26 @@ def pack_fake_quantized(model: Path | str, scales_file: Path, group_size: int, o
         matrices[name] = codes_from_grid(name, store.get(f"{name}.weight"), scales[key], group_size)
     if not matrices:
         raise MarlinError(f"{scales_file} holds no '<linear name>.scales' entries")
+    shapes = [LinearShape(name, m.codes.shape[1], m.codes.shape[0]) for name, m in matrices.items()]
+    problems = codec.check(shapes, group_size)
+    if problems:
+        raise MarlinError(f"the {codec.NAME} format cannot hold this model: " + "; ".join(problems))
+    if codec.NAME in SERVED:
+        check_fused(set(matrices), {k[: -len(".weight")] for k in store.names() if k.endswith(".weight")}
+                    - set(matrices), codec.NAME)
     config_dict = config.to_dict()
     config_dict["torch_dtype"] = "float16"
-    qc = marlin.quantization_config(settings, list(matrices))
-    for key in SOLVER_ONLY:
-        del qc[key]
-    config_dict["quantization_config"] = {**qc, "method": "pack"}
+    if codec is marlin:
+        qc = marlin.quantization_config(settings, list(matrices))
+        for key in SOLVER_ONLY:
+            del qc[key]
+        config_dict["quantization_config"] = {**qc, "method": "pack"}
+    else:
+        config_dict["quantization_config"] = codec.quantization_config(settings, list(matrices))
     record = {"source_model": str(model), "source_dir": str(model_dir), "scales_file": str(scales_file),
-              "method": "pack", "group_size": group_size, "linears": len(matrices)}
+              "method": "pack", "group_size": group_size, "linears": len(matrices), "format": codec.NAME}
     with CheckpointWriter(out, force=force) as writer:
-        write_tensors(writer, store, matrices, group_size, marlin)
+        write_tensors(writer, store, matrices, group_size, codec)
         record["seconds"] = round(time.perf_counter() - start, 2)
         out_dir = writer.finish(config_dict, AutoTokenizer.from_pretrained(model_dir), record, source_dir=model_dir)
     return out_dir, len(matrices)

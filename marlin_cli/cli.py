@@ -8,6 +8,7 @@ import sys
 import click
 
 from marlin_cli import __version__
+from marlin_cli.commands.bench import bench_command
 from marlin_cli.commands.eval_ppl import eval_ppl_command
 from marlin_cli.commands.export import export_command
 from marlin_cli.commands.fetch_assets import fetch_assets_command
@@ -36,7 +37,7 @@ def main() -> None:
 
 
 for command in (quantize_command, pack_command, export_command, eval_ppl_command, lm_eval_command, reproduce_command,
-                fetch_assets_command):
+                fetch_assets_command, bench_command):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -75,8 +75,11 @@ def clip_search_scales(
     u_inv = torch.linalg.solve_triangular(u_block, torch.eye(u_block.shape[0], device=w.device), upper=True)
     best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
     best_scale = row_scales(w)
-    # Chunk over p so that the [chunk, R, g] temporaries stay in cache (about 4 MB each).
-    chunk = max(1, min(steps, (1 << 20) // max(1, w.numel())))
+    # Chunk over p so that the [chunk, R, g] temporaries stay in cache on a CPU (about 4 MB each); on a GPU
+    # the launch count matters instead, so temporaries of up to 256 MB (a 70B down_proj group: ~17 shrinks of
+    # 75 per chunk, 5 chunks instead of 75). No host synchronisation either way.
+    budget = (1 << 26) if w.is_cuda else (1 << 20)
+    chunk = max(1, min(steps, budget // max(1, w.numel())))
     for start in range(0, steps, chunk):
         p = shrinks[start : start + chunk].view(-1, 1, 1)
         scale = row_scales(w.unsqueeze(0), p)  # [P, R, 1]

@@ -56,6 +56,10 @@ class QuantSettings:
         true_sequential: quantize q/k/v, then o, then gate/up, then down, each on the quantized ones' outputs.
         skip_gq: keep k_proj/v_proj in fp16 for grouped-query-attention models.
         nearest: round to nearest (RTN) instead of GPTQ; reads no calibration data.
+        activation_budget_gb: GiB of calibration activations kept on the GPU; the rest live in pinned host
+            memory and stream to the GPU batch by batch (same codes, see docs/scale.md). ``None``: half of
+            the GPU memory free once the model's stem is loaded. No effect on the CPU, where everything
+            already is in host memory.
     """
 
     bits: int = 4
@@ -76,6 +80,7 @@ class QuantSettings:
     true_sequential: bool = False
     skip_gq: bool = False
     nearest: bool = False
+    activation_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -112,6 +117,8 @@ class QuantSettings:
             out.append(f"--skip-gq keeps k_proj/v_proj dense while q_proj is quantized, but vLLM and SGLang fuse "
                        f"q/k/v into one layer that is all quantized or all dense, so a {self.format} checkpoint "
                        "cannot hold it; drop --skip-gq, or use --format marlin")
+        if self.activation_budget_gb is not None and not self.activation_budget_gb >= 0:
+            out.append(f"--activation-budget must be 0 or more GiB, got {self.activation_budget_gb}")
         if not self.device.startswith(("cpu", "cuda")):
             out.append(f"--device must be cpu or cuda[:N]; got '{self.device}'")
         return out

@@ -5,6 +5,12 @@ with the same calibration budget (64 Python-doc documents x 512 tokens, g64, dam
 clipping, 173 s without (the measurement README.md's "Quantization speed and memory" table compares against).
 
     python scripts/bench_quantize.py [--no-clip] [--group-size 64] [--json out.json]
+
+With ``--synthetic llama2-7b|llama2-70b`` it benchmarks a random-weight model of real dimensions instead
+(s/layer, peak GPU memory by torch and nvidia-smi, peak RSS, the whole model's time extrapolated; see
+:mod:`marlin_cli.pipeline.bench` and docs/scale.md):
+
+    python scripts/bench_quantize.py --synthetic llama2-70b --layers 2 --device cuda --nsamples 128 --seqlen 2048
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -26,6 +33,11 @@ ORIGINAL_SECONDS = {True: 268.0, False: 173.0}  # clip -> seconds, original GPTQ
 
 
 def main() -> None:
+    if "--synthetic" in sys.argv[1:]:
+        from marlin_cli.pipeline.bench import main as synthetic_main
+
+        synthetic_main(sys.argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--no-clip", action="store_true")

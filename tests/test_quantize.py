@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import checkpoint_cache
@@ -330,22 +331,21 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(builtin_mode
     assert not (out / "mine.txt").exists() and (out / "config.json").is_file() and leftovers(tmp_path) == []
 
 
-def test_interrupted_run_leaves_no_checkpoint(builtin_model_dir: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import marlin_cli.pipeline.quantize as q
+def test_interrupted_run_leaves_no_checkpoint_only_a_partial_to_resume(builtin_model_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """Ctrl-C mid-run: no checkpoint appears; the hidden partial folder stays for --resume (issue 15)."""
 
-    real = q.write_tensors
+    def interrupt(layer: int) -> None:
+        if layer == 3:
+            raise KeyboardInterrupt
 
-    def write_then_interrupt(writer, *args, **kwargs) -> None:  # noqa: ANN001
-        real(writer, *args, **kwargs)
-        assert any(writer.tmp.iterdir()) or writer._pending  # something was on its way to disk
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(q, "write_tensors", write_then_interrupt)
+    job = QuantizeJob(model=str(builtin_model_dir), out=tmp_path / "ckpt", settings=QuantSettings(nearest=True))
     with pytest.raises(KeyboardInterrupt):
-        quantize(QuantizeJob(model=str(builtin_model_dir), out=tmp_path / "ckpt", settings=QuantSettings(nearest=True)),
-                 progress=False)
-    assert not (tmp_path / "ckpt").exists() and leftovers(tmp_path) == []
+        quantize(job, progress=False, after_layer=interrupt)
+    assert not (tmp_path / "ckpt").exists() and leftovers(tmp_path) == [".ckpt.partial-run"]
+    resumed = quantize(replace(job, resume=True), progress=False)
+    assert resumed.record["resumed_at_layer"] == 4 and (tmp_path / "ckpt" / "config.json").is_file()
+    assert leftovers(tmp_path) == []
 
 
 def test_skip_gq_keeps_k_and_v_in_fp16(builtin_model_dir: Path, tmp_path: Path, tokenizer) -> None:

@@ -42,17 +42,25 @@ GROUP_SIZES = click.Choice([str(g) for g in _SIZES])
 @click.option("--format", "format_", type=click.Choice(list(FORMATS)), default=DEFAULTS.format, show_default=True,
               help="Checkpoint format.")
 @click.option("--device", default=DEFAULTS.device, show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--activation-budget", "activation_budget", type=float, default=None,
+              help="GiB of calibration activations kept on the GPU; the rest stream from pinned host memory "
+                   "(same codes). Default: half the GPU memory free at the start.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last finished layer (its partial folder beside --out); "
+                   "a partial of other settings, model or calibration is an error.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-layer table.")
 def quantize_command(model: str, out: Path, dataset: str | None, nsamples: int | None, seqlen: int | None,
                      seed: int, holdout: int | None, group_size: str, damp: float, no_clip: bool, nearest: bool,
-                     true_sequential: bool, skip_gq: bool, format_: str, device: str, force: bool,
-                     quiet: bool) -> None:
+                     true_sequential: bool, skip_gq: bool, format_: str, device: str,
+                     activation_budget: float | None, resume: bool, force: bool, quiet: bool) -> None:
     """Quantize MODEL (a local Hugging Face folder, a hub id, or `smollm2-135m`) to a Marlin checkpoint."""
     settings = QuantSettings(dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, holdout=holdout,
                              group_size=int(group_size), damp=damp, clip=not no_clip, nearest=nearest,
-                             true_sequential=true_sequential, skip_gq=skip_gq, format=format_, device=device)
-    result = quantize(QuantizeJob(model=model, out=out, settings=settings, force=force), progress=not quiet)
+                             true_sequential=true_sequential, skip_gq=skip_gq, format=format_, device=device,
+                             activation_budget_gb=activation_budget)
+    result = quantize(QuantizeJob(model=model, out=out, settings=settings, force=force, resume=resume),
+                      progress=not quiet)
     rec = result.record
     if not quiet:
         spec_linears = arch_spec(json.loads((result.out_dir / "config.json").read_text())["model_type"]).linears

@@ -1,9 +1,20 @@
-"""Layer-by-layer quantization of a decoder: each layer is loaded, quantized and released in turn.
+"""Layer-by-layer quantization of a decoder: each layer is loaded, quantized, handed on and released in turn.
 
 The inputs of decoder layer 0 are captured for every calibration sample; then for layer i: load its
 weights from the shards, accumulate each linear's Hessian from the layer's real inputs, quantize (GPTQ or
 round-to-nearest), recompute the layer's outputs with the quantized weights and feed them to layer i + 1.
-Peak memory is one decoder layer plus the calibration activations, never the whole model.
+
+Memory, whatever the depth and the number of calibration tokens:
+
+* device: one decoder layer (model dtype), its Hessians (float32 [K, K], at most one group's being solved
+  at a time besides the accumulators of the current pass), the solver's working set (float32 copies of the
+  group's stacked weights), and the activations up to ``activation_budget`` bytes
+  (:class:`marlin_cli.pipeline.activations.ActivationStore`; the rest stream from pinned host memory);
+* host: the activations beyond the budget, and one layer's quantized tensors: each finished layer is
+  handed to ``on_layer_done`` (which writes it to disk) and dropped, unless ``keep_matrices``.
+
+No host synchronisation inside a layer's solve (the relative errors of a layer are read back once, at its
+end), so on a GPU the forwards and the solver are queued back to back.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gptq.quantizer import ZERO
 from gptq.solver import (
     CholeskyError,
     GPTQConfig,
@@ -23,12 +35,17 @@ from gptq.solver import (
     QuantizedMatrix,
     gptq_quantize,
     prepare_hessian,
-    relative_output_error,
+    relative_output_error_tensor,
     rtn_quantize,
 )
 from marlin_cli.errors import MarlinError
+from marlin_cli.pipeline.activations import ActivationStore, CalibrationBatch
+from marlin_cli.pipeline.distributed import World
 from marlin_cli.pipeline.models import ArchSpec, rebuild_rotary
 from marlin_cli.pipeline.weights import WeightStore
+
+__all__ = ["ActivationStore", "CalibrationBatch", "LayerReport", "LayerTiming", "SequentialResult",
+           "batch_samples", "grid_weight", "quantize_nearest", "quantize_sequential"]
 
 
 @dataclass
@@ -44,11 +61,33 @@ class LayerReport:
 
 
 @dataclass
+class LayerTiming:
+    """Wall time of one decoder layer, in seconds (device work synchronised at the phase ends).
+
+    Attributes:
+        layer: index; load: reading its weights; forward: the Hessian passes and the output pass;
+        solve: Hessian preparation, GPTQ and the error report; total: all of it; replayed: True for a layer
+        that a resumed run only ran forward (from its written codes).
+    """
+
+    layer: int
+    load: float
+    forward: float
+    solve: float
+    total: float
+    replayed: bool = False
+
+
+@dataclass
 class SequentialResult:
-    """Quantized linears by full name (codes [N, K] uint8, scales [N, G] float32), plus per-linear reports."""
+    """Per-linear reports and per-layer timings; with ``keep_matrices`` the quantized linears by full name
+    (codes [N, K] uint8, scales [N, G] float32, on the CPU)."""
 
     matrices: dict[str, QuantizedMatrix] = field(default_factory=dict)
     reports: list[LayerReport] = field(default_factory=list)
+    timings: list[LayerTiming] = field(default_factory=list)
+    spilled_batches: int = 0
+    """Calibration batches that lived in host memory (beyond the activation budget)."""
 
 
 class _StopForward(Exception):
@@ -59,21 +98,6 @@ class _StopForward(Exception):
 #: products run at several times the speed of per-sample ones on a CPU. Causal attention means the real
 #: tokens never see the padding after them, so their activations are those of a per-sample forward.
 BATCH_TOKENS = 8192
-
-
-@dataclass
-class CalibrationBatch:
-    """Inputs of the current decoder layer for a batch of samples.
-
-    Attributes:
-        hidden: [B, L, D] hidden states (rows past a sample's length are padding).
-        kwargs: the other arguments the decoder layer takes (position embeddings, masks...).
-        valid: bool [B, L], True at real tokens.
-    """
-
-    hidden: torch.Tensor
-    kwargs: dict
-    valid: torch.Tensor
 
 
 def batch_samples(samples: list[torch.Tensor], budget: int = BATCH_TOKENS) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -104,28 +128,38 @@ def _layer_output(out: torch.Tensor | tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def grid_weight(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dequantized weights ``(codes - 8) * s`` [N, K] from codes uint8 [N, K] and scales float32 [N, G]
+    (G groups of ceil(K / G) columns; G = 1 per channel), computed in float32 as the solver does, in ``dtype``."""
+    n, k = codes.shape
+    per = -(-k // scales.shape[1])
+    s = scales.to(torch.float32).repeat_interleave(per, dim=1)[:, :k]
+    return ((codes.to(torch.float32) - ZERO) * s).to(dtype)
+
+
 def capture_layer0_inputs(
-    model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor], device: str
-) -> list[CalibrationBatch]:
-    """Run the model's stem (embeddings, masks, rotary) on batches of samples; record layer 0's inputs."""
-    captured: list[CalibrationBatch] = []
+    model: nn.Module, layers: nn.ModuleList, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str,
+    store: ActivationStore,
+) -> None:
+    """Run the model's stem (embeddings, masks, rotary) on each batch (ids [B, L], valid [B, L]); record layer
+    0's inputs in ``store``."""
+    captured: list[tuple[torch.Tensor, dict]] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(CalibrationBatch(hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"},
-                                         torch.empty(0)))
+        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         base = model.get_submodule("model")
-        for ids, valid in batch_samples(samples):
+        for ids, valid in batches:
             with suppress(_StopForward):
                 base(input_ids=ids.to(device), use_cache=False)
-            captured[-1].valid = valid.to(device)
+            hidden, kwargs = captured.pop()
+            store.append(hidden, kwargs, valid, bool(valid.all()))
     finally:
         handle.remove()
-    return captured
 
 
 @contextmanager
@@ -135,10 +169,10 @@ def _hessian_hooks(
     """One Hessian per group of linears that read the same input, fed by a pre-hook on the group's first linear.
 
     Only real tokens count (the hook reads the current batch's validity mask from the yielded one-element
-    list). With ``stop_after_last`` the last group's hook ends the forward once its input is recorded.
+    list; ``None`` there means the whole batch is real). With ``stop_after_last`` the last group's hook ends the forward once its input is recorded.
     """
     accs: list[HessianAccumulator] = []
-    current: list[torch.Tensor] = [torch.empty(0)]
+    current: list[torch.Tensor | None] = [None]
     handles = []
     for gi, group in enumerate(groups):
         lin = layer.get_submodule(group[0])
@@ -147,7 +181,8 @@ def _hessian_hooks(
         stop = stop_after_last and gi == len(groups) - 1
 
         def hook(_m: nn.Module, inp: tuple, acc: HessianAccumulator = acc, stop: bool = stop) -> None:
-            acc.add(inp[0].detach()[current[0]])
+            x = inp[0].detach()
+            acc.add(x if current[0] is None else x[current[0]])  # None: every token is real (no mask, no sync)
             if stop:
                 raise _StopForward
 
@@ -159,16 +194,23 @@ def _hessian_hooks(
             h.remove()
 
 
-def _run_layer(layer: nn.Module, batches: list[CalibrationBatch], current: list[torch.Tensor] | None = None
-               ) -> list[torch.Tensor]:
-    """The layer's outputs for every batch; with ``current`` (a hook's mask slot), set it to each batch's mask."""
-    outs = []
-    for batch in batches:
-        if current is not None:
-            current[0] = batch.valid
+def _hessian_pass(layer: nn.Module, acts: ActivationStore, current: list[torch.Tensor | None]) -> None:
+    """Run the layer on every batch for its hooks (outputs dropped); ``current`` gets each batch's mask."""
+    for _, batch in acts.iterate():
+        current[0] = None if batch.full else batch.valid
         with suppress(_StopForward):
-            outs.append(_layer_output(layer(batch.hidden, **batch.kwargs)))
-    return outs
+            layer(batch.hidden, **batch.kwargs)
+
+
+def _output_pass(layer: nn.Module, acts: ActivationStore) -> None:
+    """The layer's outputs replace its inputs, batch by batch (they are the next layer's inputs)."""
+    for i, batch in acts.iterate():
+        acts.replace_hidden(i, _layer_output(layer(batch.hidden, **batch.kwargs)))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
 
 
 def quantize_sequential(
@@ -183,6 +225,12 @@ def quantize_sequential(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     on_layer: Callable[[int, int, list[LayerReport]], None] | None = None,
+    on_layer_done: Callable[[int, dict[str, QuantizedMatrix], list[LayerReport], LayerTiming], None] | None = None,
+    keep_matrices: bool = True,
+    activation_budget: int | None = None,
+    start_layer: int = 0,
+    replay: Callable[[int], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    world: World | None = None,
 ) -> SequentialResult:
     """Quantize every decoder layer of a meta-device ``model`` whose weights live in ``store``.
 
@@ -194,62 +242,142 @@ def quantize_sequential(
         cfg: GPTQ settings (group size, damping, clipping).
         true_sequential: quantize the groups of spec.sequential one after another within each layer.
         skip: linear names within a layer to leave unquantized (e.g. k/v for --skip-gq).
-        device: where layers run; dtype: their compute dtype.
+        device: where layers run; dtype: their compute dtype (also the activations' dtype).
         on_layer: called after each decoder layer with (index, count, reports of that layer).
+        on_layer_done: called after each quantized layer with (index, {full name: QuantizedMatrix with codes
+            uint8 [N, K] and scales float32 [N, G] on the CPU}, reports, timing): the checkpoint writer's hook.
+        keep_matrices: also keep every layer's matrices in the result (memory grows with depth; tests).
+        activation_budget: bytes of calibration activations kept on ``device`` (None: all).
+        start_layer: layers below it are already quantized (a resumed run): ``replay(i)`` gives their
+            {linear name: (codes uint8 [N, K], scales float32 [N, G])} and they are only run forward.
+        world: the processes quantizing together (:mod:`marlin_cli.pipeline.distributed`); default: one.
 
     Returns:
         A :class:`SequentialResult` keyed by full linear names (e.g. ``model.layers.0.mlp.up_proj``).
     """
+    world = world or World()
     layers: nn.ModuleList = model.get_submodule(spec.layers)
     # The stem: everything outside the decoder layers (embeddings, final norm, rotary) comes to the device.
-    stem = {n.rpartition(".")[0] for n in store.names()
-            if not n.startswith((spec.layers + ".", "lm_head."))}
-    for prefix in sorted(stem):
+    stem = sorted({n.rpartition(".")[0] for n in store.names() if not n.startswith((spec.layers + ".", "lm_head."))})
+    for prefix in stem:
         store.materialize(model, prefix, device, dtype)
     rebuild_rotary(model, spec, device)
-    inputs = capture_layer0_inputs(model, layers, samples, device)
+    all_batches = batch_samples(samples)
+    mine = [b for j, b in enumerate(all_batches) if world.owns(j)]  # batch j goes to rank j mod W
+    total_tokens = int(sum(s.numel() for s in samples))
+    acts = ActivationStore(device, activation_budget)
+    with torch.no_grad():
+        capture_layer0_inputs(model, layers, mine, device, acts)
+    for prefix in stem:  # the stem is not needed again: free its device memory
+        if prefix:
+            model.get_submodule(prefix).to("meta")
     input_groups = [tuple(n for n in group if n not in skip) for group in spec.sequential]
     input_groups = [g for g in input_groups if g]
     # Passes over the calibration data per layer: one per input group with --true-sequential, else one.
     passes = [[g] for g in input_groups] if true_sequential else [input_groups]
-    result = SequentialResult()
+    result = SequentialResult(spilled_batches=acts.spilled)
     for i, layer in enumerate(layers):
         prefix = f"{spec.layers}.{i}"
+        t_start = time.perf_counter()
         store.materialize(model, prefix, device, dtype)
-        layer_reports: list[LayerReport] = []
+        _sync(device)
+        t_load = time.perf_counter() - t_start
+        if i < start_layer:
+            assert replay is not None, "start_layer needs replay"
+            for name, (codes, scales) in replay(i).items():
+                lin = layer.get_submodule(name)
+                lin.weight.data = grid_weight(codes.to(device), scales.to(device), lin.weight.dtype)
+            with torch.no_grad():
+                _output_pass(layer, acts)
+            _sync(device)
+            layers[i] = layer.to("meta")
+            total = time.perf_counter() - t_start
+            result.timings.append(LayerTiming(i, t_load, total - t_load, 0.0, total, replayed=True))
+            continue
+        layer_matrices: dict[str, QuantizedMatrix] = {}
+        errors: list[tuple[str, tuple[int, int], torch.Tensor, float, int, float]] = []
+        t_fwd = t_solve = 0.0
         with torch.no_grad():
             for groups in passes:
                 # The layer's last linear (down_proj) ends the pass: its own product is not needed.
                 last = groups[-1] == input_groups[-1] and input_groups[-1][-1] == spec.sequential[-1][-1]
+                t0 = time.perf_counter()
                 with _hessian_hooks(layer, groups, device, stop_after_last=last) as (accs, current):
-                    _run_layer(layer, inputs, current)
+                    _hessian_pass(layer, acts, current)
+                for acc in accs:
+                    world.all_reduce_sum(acc.xtx)
+                    if world.size > 1:
+                        acc.tokens = total_tokens
+                _sync(device)
+                t1 = time.perf_counter()
+                t_fwd += t1 - t0
                 for group, acc in zip(groups, accs, strict=True):
-                    t0 = time.perf_counter()
-                    h = acc.finalize()
-                    try:
-                        prep = prepare_hessian(h, cfg)
-                    except CholeskyError as err:
-                        raise MarlinError(f"{prefix}.{group[0]} (and the linears sharing its input): {err}") from err
-                    for name in group:
-                        lin = layer.get_submodule(name)
-                        w = lin.weight.data
-                        qm = gptq_quantize(w, prep, cfg)
-                        lin.weight.data = qm.weight.to(w.dtype)
-                        full = f"{prefix}.{name}"
-                        result.matrices[full] = QuantizedMatrix(qm.codes.cpu(), qm.scales.cpu(), torch.empty(0),
-                                                                qm.damp, qm.retries)
-                        layer_reports.append(LayerReport(full, (lin.out_features, lin.in_features),
-                                                         relative_output_error(w, lin.weight.data, h),
-                                                         qm.damp, qm.retries, time.perf_counter() - t0))
-                        t0 = time.perf_counter()
-                    del h
-            outputs = _run_layer(layer, inputs)
-        inputs = [CalibrationBatch(out, b.kwargs, b.valid) for out, b in zip(outputs, inputs, strict=True)]
+                    owner = input_groups.index(group) % world.size
+                    _solve_group(layer, prefix, group, acc, cfg, world, owner, layer_matrices, errors)
+                    del acc.xtx
+                _sync(device)
+                t_solve += time.perf_counter() - t1
+            t0 = time.perf_counter()
+            _output_pass(layer, acts)
+            _sync(device)
+            t_fwd += time.perf_counter() - t0
+        rel = torch.stack([e[2] for e in errors]).tolist()  # one host read of the layer's errors
+        layer_reports = [LayerReport(name, shape, r, damp, retries, secs)
+                         for (name, shape, _, damp, retries, secs), r in zip(errors, rel, strict=True)]
         layers[i] = layer.to("meta")
+        total = time.perf_counter() - t_start
+        timing = LayerTiming(i, t_load, t_fwd, t_solve, total)
+        result.timings.append(timing)
         result.reports.extend(layer_reports)
+        if on_layer_done is not None:
+            on_layer_done(i, layer_matrices, layer_reports, timing)
+        if keep_matrices:
+            result.matrices.update(layer_matrices)
         if on_layer is not None:
             on_layer(i, len(layers), layer_reports)
     return result
+
+
+def _solve_group(layer: nn.Module, prefix: str, group: tuple[str, ...], acc: HessianAccumulator, cfg: GPTQConfig,
+                 world: World, owner: int, out: dict[str, QuantizedMatrix],
+                 errors: list[tuple[str, tuple[int, int], torch.Tensor, float, int, float]]) -> None:
+    """GPTQ for the linears of ``group`` (they read the same input, so share H): their weights stacked by
+    rows [sum N, K] and solved as one matrix by rank ``owner``, whose codes and scales every rank receives
+    and turns into the same quantized weights. Appends to ``out`` (CPU codes/scales) and ``errors``."""
+    t0 = time.perf_counter()
+    h = acc.finalize()
+    lins = [layer.get_submodule(name) for name in group]
+    rows = [lin.out_features for lin in lins]
+    k = lins[0].in_features
+    g = k if cfg.group_size == -1 else cfg.group_size
+    ngroups = 1 if cfg.group_size == -1 else -(-k // g)
+    dev = lins[0].weight.device
+    codes = torch.empty((sum(rows), k), dtype=torch.uint8, device=dev)
+    scales = torch.empty((sum(rows), ngroups), dtype=torch.float32, device=dev)
+    info = torch.zeros(2, dtype=torch.float64, device=dev)  # damp, retries
+    if world.rank == owner:
+        try:
+            prep = prepare_hessian(h, cfg)
+        except CholeskyError as err:
+            raise MarlinError(f"{prefix}.{group[0]} (and the linears sharing its input): {err}") from err
+        qm = gptq_quantize(torch.cat([lin.weight.data for lin in lins]), prep, cfg)
+        codes, scales = qm.codes, qm.scales
+        info = torch.tensor([qm.damp, qm.retries], dtype=torch.float64, device=dev)
+    world.broadcast(codes, owner)
+    world.broadcast(scales, owner)
+    world.broadcast(info, owner)
+    damp, retries = info.tolist()  # one small read per group (the owner's damping), as the report needs it
+    seconds = (time.perf_counter() - t0) / len(group)
+    pin = codes.is_cuda
+    for name, lin, c, s in zip(group, lins, codes.split(rows), scales.split(rows), strict=True):
+        w = lin.weight.data
+        lin.weight.data = grid_weight(c, s, w.dtype)
+        errors.append((f"{prefix}.{name}", (lin.out_features, lin.in_features),
+                       relative_output_error_tensor(w, lin.weight.data, h), float(damp), int(retries), seconds))
+        # pinned copies complete by the layer's closing synchronisation, before anyone reads them
+        c_cpu = torch.empty(c.shape, dtype=c.dtype, pin_memory=pin).copy_(c, non_blocking=pin)
+        s_cpu = torch.empty(s.shape, dtype=s.dtype, pin_memory=pin).copy_(s, non_blocking=pin)
+        out[f"{prefix}.{name}"] = QuantizedMatrix(c_cpu, s_cpu, torch.empty(0), float(damp), int(retries))
 
 
 def quantize_nearest(
@@ -259,12 +387,17 @@ def quantize_nearest(
     group_size: int,
     skip: tuple[str, ...] = (),
     on_layer: Callable[[int, int, list[LayerReport]], None] | None = None,
+    on_layer_done: Callable[[int, dict[str, QuantizedMatrix], list[LayerReport], LayerTiming], None] | None = None,
+    keep_matrices: bool = True,
+    start_layer: int = 0,
 ) -> SequentialResult:
     """Round-to-nearest baseline: every linear quantized from its own weights; no calibration data, no forward
-    passes (so the relative output error is not measured and is reported as NaN)."""
+    passes (so the relative output error is not measured and is reported as NaN). Layers below
+    ``start_layer`` (already written by an interrupted run) are skipped."""
     result = SequentialResult()
-    for i in range(num_layers):
-        reports = []
+    for i in range(start_layer, num_layers):
+        t_start = time.perf_counter()
+        reports, matrices = [], {}
         for name in spec.linears:
             if name in skip:
                 continue
@@ -272,9 +405,16 @@ def quantize_nearest(
             t0 = time.perf_counter()
             w = store.get(f"{full}.weight")
             qm = rtn_quantize(w, group_size)
-            result.matrices[full] = QuantizedMatrix(qm.codes, qm.scales, torch.empty(0))
+            matrices[full] = QuantizedMatrix(qm.codes, qm.scales, torch.empty(0))
             reports.append(LayerReport(full, tuple(w.shape), float("nan"), 0.0, 0, time.perf_counter() - t0))
+        total = time.perf_counter() - t_start
+        timing = LayerTiming(i, 0.0, 0.0, total, total)
+        result.timings.append(timing)
         result.reports.extend(reports)
+        if on_layer_done is not None:
+            on_layer_done(i, matrices, reports, timing)
+        if keep_matrices:
+            result.matrices.update(matrices)
         if on_layer is not None:
             on_layer(i, num_layers, reports)
     return result

@@ -1,0 +1,72 @@
+"""Several processes (``torchrun``-style, gloo on the CPU) quantize one model together: calibration batches
+dealt out over the ranks, Hessians all-reduced, each linear group solved on one rank and broadcast, only rank
+0 writing. With two calibration batches over two ranks the Hessian sums are the same float32 terms in the same
+order up to commutation, so the checkpoint is bit for bit the one-process checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from marlin_cli.formats.folder import RUN_RECORD
+from marlin_cli.pipeline.synthetic import build_synthetic
+
+RUN = """
+import sys, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from marlin_cli.pipeline.quantize import QuantizeJob, quantize
+from marlin_cli.settings import QuantSettings
+# 12 windows of 1024 tokens: two calibration batches (8 + 4 windows)
+settings = QuantSettings(dataset="botchan", nsamples=12, seqlen=1024, group_size=64, format="marlin")
+res = quantize(QuantizeJob(sys.argv[1], Path(sys.argv[2]), settings), progress=False)
+print("world", res.record["world_size"])
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(model: Path, out: Path, world: int) -> list[str]:
+    """Start ``world`` processes as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT); their stdout."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        else:
+            env.pop("WORLD_SIZE", None)
+        procs.append(subprocess.Popen([sys.executable, "-c", RUN, str(model), str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=900)
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(stdout)
+    return outs
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())
+            if f.name != RUN_RECORD}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_write_the_one_process_checkpoint(builtin_model_dir: Path, tmp_path: Path) -> None:
+    model = build_synthetic(tmp_path / "m", "tiny", 2, builtin_model_dir)
+    one = _launch(model, tmp_path / "one", 1)
+    two = _launch(model, tmp_path / "two", 2)
+    assert "world 1" in one[0] and all("world 2" in o for o in two)
+    assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
+    assert not any(p.name.startswith(".two") for p in tmp_path.iterdir())  # rank 1 wrote nothing beside it

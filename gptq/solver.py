@@ -143,7 +143,7 @@ def prepare_hessian(h: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
     """Fix dead inputs and factor H for :func:`gptq_quantize`. Raises :class:`CholeskyError`."""
     h = h.to(torch.float32).clone()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    h.diagonal().masked_fill_(dead, 1.0)  # = h[dead, dead] = 1, without the boolean-index host sync
     u, damp, retries = inverse_cholesky(h, cfg.damp, cfg.damp_retries)
     return PreparedHessian(u, dead, damp, retries)
 
@@ -189,7 +189,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | PreparedHessian, cfg: GPTQC
     prep = h if isinstance(h, PreparedHessian) else prepare_hessian(h, cfg)
     u, damp_used, retries = prep.u, prep.damp, prep.retries
     w = w.to(torch.float32).clone()
-    w[:, prep.dead] = 0.0
+    w.masked_fill_(prep.dead.unsqueeze(0), 0.0)  # dead inputs: = w[:, dead] = 0, without a host sync
 
     codes = torch.empty((n, k), dtype=torch.uint8, device=w.device)
     qweight = torch.empty_like(w)

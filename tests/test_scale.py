@@ -72,3 +72,46 @@ def test_activations_beyond_the_budget_spill_to_host_and_give_the_same_codes(bui
         for name, qm in run.matrices.items():
             assert torch.equal(qm.codes, ref[name].codes), (label, name)
             assert torch.equal(qm.scales, ref[name].scales), (label, name)
+
+
+def test_host_synchronisations_per_layer_do_not_grow_with_columns_or_linears(builtin_model_dir: Path,
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every read of a tensor's value by the host (``.item()``, ``.tolist()``, ``float(t)``...) stalls
+    the queue; the solver may do a few per group of linears (the Cholesky's success, the damping used) and one
+    per layer (the error report), never one per column or per linear."""
+    model = build_synthetic(tmp_path / "m", "tiny", 2, builtin_model_dir)
+    calls = {"n": 0, "paused": False}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *args: object, _real=real, **kwargs: object) -> object:  # noqa: ANN001
+            calls["n"] += not calls["paused"]
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    from marlin_cli.pipeline import quantize as q
+
+    real_add = q._add_tensors
+
+    def add_uncounted(*args: object, **kwargs: object) -> None:  # the writer encodes CPU tensors: not a GPU sync
+        calls["paused"] = True
+        try:
+            real_add(*args, **kwargs)
+        finally:
+            calls["paused"] = False
+
+    monkeypatch.setattr(q, "_add_tensors", add_uncounted)
+
+    counts = []
+
+    def after_layer(_i: int) -> None:
+        counts.append(calls["n"])
+
+    q.quantize(QuantizeJob(str(model), tmp_path / "out", QuantSettings(dataset="botchan", nsamples=2, seqlen=64,
+                                                                       group_size=32, format="marlin")),
+               progress=False, after_layer=after_layer)
+    per_layer = counts[1] - counts[0]
+    # 4 groups sharing a Hessian (q/k/v, o, gate/up, down) x (mean diag, 2 Cholesky checks, the damping used)
+    # + 1 error report; 7 linears and 1,024 columns per layer here.
+    assert per_layer <= 4 * 4 + 1, per_layer

@@ -20,6 +20,7 @@ from gptq.format import GROUP_SIZES
 from gptq.linear import MarlinLinear
 from marlin_cli.errors import MarlinError
 from marlin_cli.formats import FORMATS, CodesLinear, PackedLinear
+from marlin_cli.fuse import fuse_model
 from marlin_cli.pipeline.models import (
     BUILTIN_ALIASES,
     arch_spec,
@@ -62,9 +63,13 @@ def weights_fingerprint(model_dir: Path) -> dict:
     return {"sha256": h.hexdigest(), "hashed": "content" if full else "headers", "bytes": total}
 
 
-def load_model(path_or_alias: str, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(path_or_alias: str, device: str = "cpu", dtype: torch.dtype | None = None,
+               fuse: bool | None = None) -> LoadedModel:
     """Load a model or quantized checkpoint (Marlin, compressed-tensors, GPTQ) by folder, hub id, or built-in
-    alias onto ``device`` as ``dtype``."""
+    alias onto ``device`` as ``dtype``.
+
+    ``fuse``: a quantized model's q/k/v and gate/up become one Marlin matmul each
+    (:func:`marlin_cli.fuse.fuse_model`); default: on CUDA, where it saves kernel launches and input reads."""
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     model_dir = resolve_model_dir(path_or_alias)
@@ -72,6 +77,8 @@ def load_model(path_or_alias: str, device: str = "cpu", dtype: torch.dtype | Non
     qc = read_quantization_config(model_dir)
     if qc is not None:
         model = load_quantized(model_dir, device=device, dtype=dtype)
+        if device.startswith("cuda") if fuse is None else fuse:
+            fuse_model(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -177,3 +177,23 @@ def test_fused_model_on_gpu_matches_and_captures() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert (out.float() - eager).abs().max().item() <= 1e-2 * eager.abs().max().item()
+
+
+def test_load_model_fuses_when_asked(tmp_path: Path, builtin_model_dir: Path) -> None:
+    """``load_model(fuse=True)`` (the default on CUDA) on a real checkpoint: same logits, one matmul a group."""
+    from checkpoint_cache import shallow_copy
+
+    from marlin_cli.loading import load_model
+    from marlin_cli.pipeline.quantize import QuantizeJob, quantize
+    from marlin_cli.settings import QuantSettings
+
+    small = shallow_copy(builtin_model_dir, tmp_path / "small", layers=2)
+    ckpt = tmp_path / "ckpt"
+    quantize(QuantizeJob(model=str(small), out=ckpt, settings=QuantSettings(group_size=64, nearest=True,
+                                                                              format="marlin")), progress=False)
+    plain = load_model(str(ckpt), "cpu").model  # the CPU default: not fused
+    fused = load_model(str(ckpt), "cpu", fuse=True).model
+    assert not is_fused(plain) and is_fused(fused)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -62,5 +62,8 @@ def device_description(device: str) -> str:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident memory so far, in MB (10^6 bytes; Linux reports ru_maxrss in KiB).
+
+    Every size this tool prints is decimal (MB = 10^6 bytes, GB = 10^9), as the checkpoint sizes of
+    ``marlin reproduce`` and the README are."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6

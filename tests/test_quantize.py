@@ -93,7 +93,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def gptq_run(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
     """GPTQ with group grid clipping, g64, on the built-in model (kept codes and scales for the checks)."""
     out = tmp_path_factory.mktemp("gptq") / "clip"
-    settings = QuantSettings(group_size=GROUP, **CALIB)
+    settings = QuantSettings(group_size=GROUP, format="marlin", **CALIB)
     return quantize(QuantizeJob(model=str(builtin_model_dir), out=out, settings=settings), progress=False,
                     keep_matrices=True)
 
@@ -102,7 +102,7 @@ def gptq_run(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def gptq_noclip_dir(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gptq") / "noclip"
     return quantize(QuantizeJob(model=str(builtin_model_dir), out=out,
-                                settings=QuantSettings(group_size=GROUP, clip=False, **CALIB)),
+                                settings=QuantSettings(group_size=GROUP, clip=False, format="marlin", **CALIB)),
                     progress=False).out_dir
 
 
@@ -224,7 +224,7 @@ def test_round_to_nearest_g128_pads_k_and_equals_an_independent_rounding(
 ) -> None:
     """K = 576 is not a multiple of lcm(64, 128): the format pads it to 640 and records 576."""
     code, output = run_cli("quantize", builtin_model_dir, "--out", tmp_path / "g128", "--group-size", "128",
-                           "--nearest", "--quiet")
+                           "--nearest", "--format", "marlin", "--quiet")
     assert code == 0, output
     with safe_open(tmp_path / "g128" / "model.safetensors", framework="pt") as f:
         assert f.get_tensor("model.layers.3.mlp.up_proj.shape").tolist() == [576, 1536]
@@ -264,7 +264,8 @@ def test_pack_of_fake_quantized_weights_equals_quantize_nearest(
     builtin_model_dir: Path, rtn_dir: Path, tmp_path: Path
 ) -> None:
     fake, scales = make_fake_quantized(builtin_model_dir, tmp_path / "fake", GROUP)
-    code, output = run_cli("pack", fake, "--scales", scales, "--group-size", GROUP, "--out", tmp_path / "packed")
+    code, output = run_cli("pack", fake, "--scales", scales, "--group-size", GROUP, "--format", "marlin",
+                           "--out", tmp_path / "packed")
     assert code == 0, output
     assert "210 linears" in output
     packed = load_file(tmp_path / "packed" / "model.safetensors")
@@ -313,7 +314,7 @@ def test_bad_input_is_a_clear_error_that_leaves_nothing(
     if message == "no CUDA device" and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     filled = [a.format(tmp=tmp_path, model=builtin_model_dir) for a in args]
-    code, output = run_cli("quantize", *filled, "--nearest")
+    code, output = run_cli("quantize", *filled, "--nearest", "--format", "marlin")
     assert code == 2, output
     assert message in output and "Traceback" not in output, output
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -323,10 +324,11 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(builtin_mode
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "mine.txt").write_text("the user's file")
-    code, output = run_cli("quantize", builtin_model_dir, "--out", out, "--nearest", "--quiet")
+    code, output = run_cli("quantize", builtin_model_dir, "--out", out, "--nearest", "--group-size", "64", "--quiet")
     assert code == 2 and "already exists" in output and "--force" in output
     assert (out / "mine.txt").read_text() == "the user's file" and sorted(p.name for p in out.iterdir()) == ["mine.txt"]
-    code, output = run_cli("quantize", builtin_model_dir, "--out", out, "--nearest", "--quiet", "--force")
+    code, output = run_cli("quantize", builtin_model_dir, "--out", out, "--nearest", "--group-size", "64", "--quiet",
+                           "--force")
     assert code == 0, output
     assert not (out / "mine.txt").exists() and (out / "config.json").is_file() and leftovers(tmp_path) == []
 
@@ -339,7 +341,7 @@ def test_interrupted_run_leaves_no_checkpoint_only_a_partial_to_resume(builtin_m
         if layer == 3:
             raise KeyboardInterrupt
 
-    job = QuantizeJob(model=str(builtin_model_dir), out=tmp_path / "ckpt", settings=QuantSettings(nearest=True))
+    job = QuantizeJob(model=str(builtin_model_dir), out=tmp_path / "ckpt", settings=QuantSettings(nearest=True, group_size=64))
     with pytest.raises(KeyboardInterrupt):
         quantize(job, progress=False, after_layer=interrupt)
     assert not (tmp_path / "ckpt").exists() and leftovers(tmp_path) == [".ckpt.partial-run"]
@@ -350,7 +352,7 @@ def test_interrupted_run_leaves_no_checkpoint_only_a_partial_to_resume(builtin_m
 
 def test_skip_gq_keeps_k_and_v_in_fp16(builtin_model_dir: Path, tmp_path: Path, tokenizer) -> None:
     code, output = run_cli("quantize", builtin_model_dir, "--out", tmp_path / "ckpt", "--nearest", "--skip-gq",
-                           "--group-size", "-1", "--quiet")
+                           "--group-size", "-1", "--format", "marlin", "--quiet")
     assert code == 0, output
     with safe_open(tmp_path / "ckpt" / "model.safetensors", framework="pt") as f:
         keys = set(f.keys())

@@ -41,8 +41,8 @@ rec = res.record
 cuda = torch.cuda.is_available() and a["settings"]["device"].startswith("cuda")
 print("RESULT " + json.dumps({
     "wall_seconds": wall, "quantize_seconds": rec["quantize_seconds"], "layer_seconds": rec.get("layer_seconds"),
-    "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_gpu_mb": torch.cuda.max_memory_allocated() / 1e6 if cuda else 0.0,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6,
     "device_name": torch.cuda.get_device_name() if cuda else "cpu", "spilled_batches": rec.get("spilled_batches"),
     "checkpoint_mb": res.checkpoint_mb}), flush=True)
 """
@@ -95,7 +95,7 @@ def measure(model: Path, settings: dict, layers: int, depth: int, baseline_src: 
 
 
 def table(rows: list[dict]) -> str:
-    """The results as a Markdown table."""
+    """The results as a Markdown table (GB = 10^9 bytes; nvidia-smi reports MiB, converted)."""
     head = ("| run | device | layers | s / layer | overhead s | peak GPU (torch) GB | peak GPU (nvidia-smi) GB | "
             "peak RSS GB | whole model, min |")
     lines = [head, "|" + "---|" * 9]
@@ -104,8 +104,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['label']} | failed: {r['error'].splitlines()[-1][:120] if r['error'] else '?'} |")
             continue
         lines.append(f"| {r['label']} | {r['device_name']} | {r['layers']} | {r['s_per_layer']:.2f} | "
-                     f"{r['overhead_seconds']:.1f} | {r['peak_gpu_mb'] / 1024:.1f} | {r['smi_peak_mb'] / 1024:.1f} | "
-                     f"{r['peak_rss_mb'] / 1024:.1f} | {r['whole_model_minutes']:.1f} |")
+                     f"{r['overhead_seconds']:.1f} | {r['peak_gpu_mb'] / 1e3:.1f} | {r['smi_peak_mb'] * 2**20 / 1e9:.1f} | "
+                     f"{r['peak_rss_mb'] / 1e3:.1f} | {r['whole_model_minutes']:.1f} |")
     return "\n".join(lines)
 
 

@@ -199,7 +199,7 @@ def quantize(job: QuantizeJob, progress: bool = True, keep_matrices: bool = Fals
                 "layers": [asdict(r) for r in all_reports],
             }
             if device.startswith("cuda"):
-                record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
+                record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(torch.device(device)) / 1e6, 1)
             record["peak_rss_mb"] = round(peak_rss_mb(), 1)
             out_dir, size_mb = out, 0.0
             if writer is not None:
@@ -207,7 +207,7 @@ def quantize(job: QuantizeJob, progress: bool = True, keep_matrices: bool = Fals
                 config_dict["torch_dtype"] = "float16"
                 config_dict["quantization_config"] = codec.quantization_config(settings, quantized)
                 out_dir = writer.finish(config_dict, tokenizer, record, source_dir=model_dir)
-                size_mb = writer.total_bytes / 2**20
+                size_mb = writer.total_bytes / 1e6  # MB = 10^6 bytes, as every size printed
             world.barrier()
     except BaseException as err:
         if writer is not None and writer.keep_on_error and not isinstance(err, MarlinError) and partial.exists():

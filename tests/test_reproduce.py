@@ -266,7 +266,9 @@ def test_small_real_reproduction(builtin_model_dir: Path, tmp_path: Path) -> Non
         )
     assert [c["check"] for c in rec["checks"]] == ["gptq / fp16 <= 10.0"] * 2
     assert row["gptq"]["identity"]["is_quantized"] and row["fp16"]["identity"]["is_quantized"] is False
-    assert row["gptq"]["identity"]["quantization_config"]["group_size"] == 64
+    qc = row["gptq"]["identity"]["quantization_config"]  # the default format, compressed-tensors
+    assert qc["quant_method"] == "compressed-tensors"
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 64
     assert 20 < row["gptq"]["checkpoint"]["size_mb"] < 80  # 4 int4 layers + the fp16 embedding (57 MB)
     assert (
         row["rtn"]["datasets"]["botchan"]["windows"] == 4

@@ -1,12 +1,16 @@
-// Hopper (sm_90a) warpgroup MMA wrappers for the wgmma kernel (marlin_wgmma.cu): wgmma.mma_async with the
-// A operand in registers and B in shared memory, its fences, and the shared-memory matrix descriptor.
+// Hopper (sm_90a) warpgroup MMA wrappers for the wgmma kernel (marlin_wgmma_tma.cuh): wgmma.mma_async with the
+// A operand in registers and B in shared memory, its fences, the shared-memory matrix descriptor, and the
+// accumulator helpers (scale fold, epilogue) of the wgmma C-fragment layout.
 // Only valid in device code compiled for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); callers guard their use.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstddef>
 #include <cstdint>
+
+#include "marlin_ptx.cuh"
 
 namespace marlin {
 namespace sm90 {
@@ -161,14 +165,63 @@ __device__ void wgmma_m64k16(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(scale_d), "l"(desc_b));                                         \
   }
 
-// Instantiated shapes: fp16 for every row tile the kernel uses (16..256), bf16 for 64 and 128.
+// Instantiated shapes: every row tile the kernel uses, fp16 16..256, bf16 16..128.
 MARLIN_DEFINE_WGMMA_N16(half, "f16")
+MARLIN_DEFINE_WGMMA_N16(__nv_bfloat16, "bf16")
 MARLIN_DEFINE_WGMMA_N32(half, "f16")
+MARLIN_DEFINE_WGMMA_N32(__nv_bfloat16, "bf16")
 MARLIN_DEFINE_WGMMA_N64(half, "f16")
 MARLIN_DEFINE_WGMMA_N64(__nv_bfloat16, "bf16")
 MARLIN_DEFINE_WGMMA_N128(half, "f16")
 MARLIN_DEFINE_WGMMA_N128(__nv_bfloat16, "bf16")
 MARLIN_DEFINE_WGMMA_N256(half, "f16")
+
+// ---- The accumulators of one warpgroup's 64 x MT slice of C^T (element 4q + 2h + e of a thread's registers:
+// row 16 warp + lane/4 + 8h of C^T, i.e. column col0 + 8h of the strip, and column 8q + 2 (lane % 4) + e of
+// C^T, i.e. row 8q + 2 (lane % 4) + e of the row tile) ----
+
+// acc = s * src (ADD false) or acc += s * src (ADD true), s0 for the thread's first column (h = 0), s1 for
+// its second (h = 1): the scale of a group or a channel applied to fp32 sums.
+template <bool ADD, int R>
+__device__ __forceinline__ void scale_fold(float (&acc)[R], const float (&src)[R], float s0, float s1) {
+#pragma unroll
+  for (int q = 0; q < R / 4; ++q) {
+    if constexpr (ADD) {
+      acc[4 * q + 0] += s0 * src[4 * q + 0], acc[4 * q + 1] += s0 * src[4 * q + 1];
+      acc[4 * q + 2] += s1 * src[4 * q + 2], acc[4 * q + 3] += s1 * src[4 * q + 3];
+    } else {
+      acc[4 * q + 0] = s0 * src[4 * q + 0], acc[4 * q + 1] = s0 * src[4 * q + 1];
+      acc[4 * q + 2] = s1 * src[4 * q + 2], acc[4 * q + 3] = s1 * src[4 * q + 3];
+    }
+  }
+}
+
+// The end of a block's segment of a unit (row tile m0.., column strip `strip` of the block's WG strips): the
+// sum goes to C (rounded to T) if the segment is the whole unit, else to the block's scratch slot `slot`
+// ([MT][64 WG] fp32, the warpgroup's 64 columns at wg 64). Rows past m are not written.
+template <typename T, int MT, int WG>
+__device__ __forceinline__ void store_segment(const float (&acc)[MT / 2], T* __restrict__ c, float* __restrict__ slot,
+                                              bool whole, int m, int n, int m0, int strip, int wg, int lane,
+                                              int col0) {
+  const int row0 = 2 * (lane & 3);
+#pragma unroll
+  for (int q = 0; q < MT / 8; ++q)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int r = row0 + 8 * q + e;
+      if (m0 + r < m) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float v = acc[4 * q + 2 * h + e];
+          if (whole) {
+            c[static_cast<size_t>(m0 + r) * n + strip * 64 + col0 + 8 * h] = Traits<T>::from_float(v);
+          } else {
+            slot[r * (64 * WG) + wg * 64 + col0 + 8 * h] = v;
+          }
+        }
+      }
+    }
+}
 
 }  // namespace sm90
 }  // namespace marlin

@@ -1,29 +1,40 @@
-// The Hopper fp16 kernel for m > 32 (row tiles of 64, 128 and 256): the wgmma kernel of marlin_wgmma.cu with
-// its stages filled by a TMA producer warpgroup (included by marlin_wgmma.cu).
+// The Hopper (sm_90a) fused kernel: C[m, n] = A[m, k] @ dequant(B)[k, n] with warpgroup MMAs (wgmma) fed by a
+// TMA producer warpgroup, fp32 accumulation, for the batches where mma.sync cannot keep the tensor cores busy
+// (included by marlin_wgmma.cu, which launches it).
 //
-// Same product, operand roles, work numbering (split and stream-k plans, marlin_plan.h), scratch format and
-// numerics as wgmma_kernel<half, MT, WG, SCALE_A = true>: the consumer warpgroups dequantize their own strip's
-// codes into register A fragments, scale them in 16 bits and issue register-A wgmmas against the activations
-// in shared memory. What differs is how the stages are filled and handed over:
-//  - one extra warpgroup, the producer, gives its registers to the consumers (setmaxnreg) and has one thread
+// Operands are swapped as in the small-m mma.sync kernel: each wgmma computes a 64 x MT slice of C^T =
+// dequant(B)^T A^T. The dequantized weights are the A operand, straight from registers: warp w of a consumer
+// warpgroup unpacks, per k16 step, the 16 x 16 tile w of its warpgroup's 64-column strip, which the Marlin
+// layout already hands each lane as an mma A fragment (one 32-bit word of its 16-byte vector). The
+// activations (MT rows x 64 k per stage, 128-byte swizzled) are the B operand, read by the tensor cores from
+// shared memory, so one wgmma covers 64 columns x MT rows x 16 k.
+//
+// A unit of work is MT rows (16, 32, 64, 128 or 256) x WG warpgroups' 64-column strips x all of k. A block
+// runs one part of a unit (split plan) or a run of consecutive k tiles across units (stream-k plan; see
+// marlin_plan.h); the fp32 sums of units that several blocks share go to scratch, and a second kernel adds
+// them in block order (deterministic, no state kept between launches, graph-safe).
+//  - One extra warpgroup, the producer, gives its registers to the consumers (setmaxnreg) and has one thread
 //    issue three tensor copies per 64-k tile (cp.async.bulk.tensor): the activations (box 64 k x MT rows,
 //    128-byte swizzle: the layout the wgmma B descriptor reads; rows past m come back as zeros), the codes
 //    (box of 4 k16 rows x the block's 64 WG 8-byte words, stored step-major: [k16 step][strip][lane]) and the
-//    scale rows (box of 64 WG columns x 1 or 2 group rows); columns past n come back as zeros;
-//  - full[s] (one arrival with the stage's byte count, completed by the copies) replaces the block barrier and
-//    the consumers' cp.async bookkeeping; empty[s] (one arrival per consumer warp, once the wgmmas that read
-//    the stage are complete) lets the producer refill it: STAGES - 1 tiles in flight instead of STAGES - 2,
-//    and no warpgroup waits for another.
-// The consumers' instruction stream loses the fetch (~55 instructions per tile at MT = 256) and the block
-// barrier; the copies cost the producer's one thread ~20 instructions per tile. Measured against the
-// cp.async wgmma kernel on an H100 (docs/kernel.md, round 6): 12% faster on the Llama-2-7B layers and 16-18%
-// on 70B at m = 64-128, 3-5% at m = 256-512, bit-identical outputs.
+//    scale rows (box of 64 WG columns x 1 or 2 group rows); columns past n come back as zeros.
+//  - full[s] (one arrival with the stage's byte count, completed by the copies) hands a stage to the
+//    consumers; empty[s] (one arrival per consumer warp, once the wgmmas that read the stage are complete)
+//    lets the producer refill it: STAGES - 1 tiles in flight, and no warpgroup waits for another.
+//  - Each consumer warpgroup waits for its previous tile's wgmmas before it rewrites their A registers and
+//    issues the next tile's. fp16 applies the group scales to the dequantized weights (16-bit products, one
+//    fp32 accumulator set); bf16 keeps fp32 group sums apart from the running sum and folds them in with
+//    their fp32 scale at the end of each group, as the mma.sync kernels do (rounding the scaled weights to
+//    bf16 would cost ~2e-3 relative error).
+// Measured on an H100 (docs/kernel.md, round 6) against the cp.async-fed kernel it replaced: 12% faster on the
+// Llama-2-7B layers and 16-18% on 70B at m = 64-128 (fp16), 3-5% at m = 256-512, bit-identical outputs.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the type only; the maps are encoded on the host)
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "marlin_layout.cuh"
 #include "marlin_ptx.cuh"
@@ -60,14 +71,15 @@ struct TmaConfig {
   static_assert(kSmem <= 227 * 1024, "shared memory of one block");
 };
 
-template <int MT,      // rows per block (the wgmma N): 64, 128 or 256
+template <typename T,  // half or __nv_bfloat16: element type of A, scales and C
+          int MT,      // rows per block (the wgmma N): 16, 32, 64, 128 or 256
           int WG,      // consumer warpgroups, one 64-column strip each
           int STAGES>  // pipeline depth in 64-row k tiles (STAGES - 1 in flight)
 __global__ void __launch_bounds__(128 * (WG + 1), 1)
-    wgmma_tma_kernel(const __grid_constant__ CUtensorMap tm_a,  // A [m, k] fp16, box 64 x MT, 128-byte swizzle
+    wgmma_tma_kernel(const __grid_constant__ CUtensorMap tm_a,  // A [m, k], box 64 x MT, 128-byte swizzle
                      const __grid_constant__ CUtensorMap tm_b,  // codes [k/16, n] 8-byte words, box 64 WG x 4
-                     const __grid_constant__ CUtensorMap tm_s,  // scales [rows, n] fp16, box 64 WG x (1 or 2)
-                     half* __restrict__ c,                      // [m, n] output
+                     const __grid_constant__ CUtensorMap tm_s,  // scales [rows, n], box 64 WG x (1 or 2)
+                     T* __restrict__ c,                         // [m, n] output
                      float* __restrict__ scratch,               // [grid, 2, MT, 64 * WG] fp32 partial sums
                      int m,                                     // rows of A and C
                      int n,                                     // columns of C, multiple of 64
@@ -78,9 +90,12 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
                      int splits,                                // split plan: k parts per unit; 0: stream-k
                      int tiles_per_block) {                     // stream-k plan: k tiles of work per block
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Tr = Traits<half>;
+  using Tr = Traits<T>;
   using L = TmaLayout<MT, WG>;
   using C = TmaConfig<MT, WG, STAGES>;
+  // fp16: the wgmmas accumulate the 16-bit-scaled weights into acc. bf16: they accumulate one scale group
+  // into grp, which is folded into acc with its fp32 scales at the group's end.
+  constexpr bool kScaleA = std::is_same<T, half>::value;
   constexpr int kTileN = 64 * WG;
   constexpr int kAcc = MT / 2;  // accumulator registers per thread
   extern __shared__ __align__(1024) uint8_t smem[];
@@ -93,6 +108,8 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
   const int k_tiles = k / kTileK;
   const int n_strips = n / 64;
+  // Work: unit u = (row tile u % m_tiles, column block u / m_tiles), row tile fastest so that the blocks
+  // reading the same weights run together; work item w = u * k_tiles + k tile.
   const WorkRange range = work_range(blockIdx.x, splits, tiles_per_block, k_tiles,
                                      m_tiles * ((n + kTileN - 1) / kTileN) * k_tiles);
   const int w0 = range.w0, w1 = range.w1;
@@ -151,61 +168,57 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
     h0 = lds16(base + s_off0);
     h1 = lds16(base + s_off1);
   };
-  float acc[kAcc];
+  auto scale_floats = [&](int stage, int r, float& s0, float& s1) {
+    uint16_t h0, h1;
+    load_scales(stage, r, h0, h1);
+    s0 = Tr::to_float(*reinterpret_cast<const T*>(&h0));
+    s1 = Tr::to_float(*reinterpret_cast<const T*>(&h1));
+  };
+  float acc[kAcc], grp[kAcc];  // (grp unused, and optimized away, for fp16)
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
-  // End of this block's segment of unit u: to C if the segment is the whole unit, else to this block's
-  // scratch slot (0: its first unit, 1: its last). Element 4q + 2h + e of acc: column strip * 64 + col0 + 8h,
-  // row m0 + 8q + 2 (lane % 4) + e.
-  auto store = [&](int u, bool whole) {
-    const int strip = (u / m_tiles) * WG + wg;
-    if (strip >= n_strips) return;  // uniform over the warpgroup
-    const int m0 = (u % m_tiles) * MT;
-    const int row0 = 2 * (lane & 3);
-    float* slot = scratch + (static_cast<size_t>(blockIdx.x) * 2 + (u == first_unit ? 0 : 1)) * (MT * kTileN);
-#pragma unroll
-    for (int q = 0; q < kAcc / 4; ++q)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = row0 + 8 * q + e;
-        if (m0 + r < m) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float v = acc[4 * q + 2 * h + e];
-            if (whole) {
-              c[static_cast<size_t>(m0 + r) * n + strip * 64 + col0 + 8 * h] = Tr::from_float(v);
-            } else {
-              slot[r * kTileN + wg * 64 + col0 + 8 * h] = v;
-            }
-          }
-        }
-      }
+  for (int i = 0; i < kAcc; ++i) acc[i] = grp[i] = 0.f;
+  auto mma = [&](const uint32_t(&af)[4], uint64_t desc, int scale_d) {
+    if constexpr (kScaleA) {
+      wgmma_m64k16<T, MT>(acc, af, desc, scale_d);
+    } else {
+      wgmma_m64k16<T, MT>(grp, af, desc, scale_d);
+    }
+  };
+  auto fence_d = [&]() {
+    if constexpr (kScaleA) {
+      fence_registers(acc);
+    } else {
+      fence_registers(grp);
+    }
   };
 
   int stage = 0;
   uint32_t phase = 0;
   int held = -1;  // stage of the tile whose wgmmas may still be in flight (not yet released)
+  float ps0 = 0.f, ps1 = 0.f;  // bf16: the fp32 scales of the group sum in grp
+  const int tiles_per_group = per_channel ? k_tiles : group32 ? 1 : group / kTileK;
   int u = first_unit, kt = w0 - first_unit * k_tiles;
   for (int w = w0; w < w1; ++u) {
     const int seg_kt0 = kt;
     const int seg_w1 = min(w1, (u + 1) * k_tiles);
-    bool fresh = true;  // the next wgmma starts a new sum (scale-d = 0)
+    bool fresh = true;     // the next wgmma starts a new sum (scale-d = 0)
+    bool pending = false;  // bf16: grp holds a finished group not yet folded
     for (; w < seg_w1; ++w, ++kt) {
       mbar_wait(full0 + 8 * stage, phase);
       const uint32_t base = sh + stage * L::kStage;
-      // kEarly (256 rows, 232 registers): this tile's codes are dequantized and its scales read while the
-      // previous tile's wgmmas still run; only the scale products, which write the A registers, wait for
+      // kEarly (fp16 at 256 rows, 232 registers): this tile's codes are dequantized and its scales read while
+      // the previous tile's wgmmas still run; only the scale products, which write the A registers, wait for
       // them. (Per channel the scales are applied at the end; kEarly then multiplies by 1.0, so that the A
       // registers are always written after the wait: ptxas serializes the wgmmas if the dequantization
       // writes them.)
-      constexpr bool kEarly = MT == 256;
+      constexpr bool kEarly = kScaleA && MT == 256;
       uint32_t wq[4][4];  // dequantized q - 8 pairs, one set per k16 step
       constexpr uint32_t kOnePair = 0x3C003C00u;
       uint32_t s0p = kOnePair, s1p = kOnePair, s0q = kOnePair, s1q = kOnePair;
       auto load_tile = [&]() {
 #pragma unroll
         for (int i = 0; i < 4; ++i) Tr::dequant(lds32(base + w_off + 512 * WG * i), wq[i]);
-        if (!per_channel) {
+        if (kScaleA && !per_channel) {
           uint16_t h0, h1;
           load_scales(stage, 0, h0, h1);
           s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
@@ -217,14 +230,18 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       };
       if constexpr (kEarly) load_tile();
       wgmma_wait<0>();
-      fence_registers(acc);
+      fence_d();
+      if (!kScaleA && pending) {  // the previous tile closed a group
+        scale_fold<true>(acc, grp, ps0, ps1);
+        fresh = true;
+      }
       // The previous tile's wgmmas are complete: its stage goes back to the producer.
       if (held >= 0 && lane == 0) mbar_arrive(empty0 + 8 * held);
       if constexpr (!kEarly) load_tile();
       uint32_t af[4][4];  // this tile's A fragments, one per k16 step
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (kEarly || !per_channel) {
+        if (kScaleA && (kEarly || !per_channel)) {
           const bool second = group32 && i >= 2;
           const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
           af[i][0] = Tr::mul(wq[i][0], s0), af[i][1] = Tr::mul(wq[i][2], s1);
@@ -235,30 +252,60 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       }
       const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
       wgmma_fence();
+      if (!kScaleA && group32) {  // two groups per tile: the first is folded mid-tile
+        mma(af[0], desc, 0);
+        mma(af[1], desc + 2, 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_d();
+        float s0, s1;
+        scale_floats(stage, 0, s0, s1);
+        scale_fold<true>(acc, grp, s0, s1);
+        wgmma_fence();
+        mma(af[2], desc + 4, 0);
+        mma(af[3], desc + 6, 1);
+        wgmma_commit();
+        scale_floats(stage, 1, ps0, ps1);
+        pending = true;
+      } else {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) wgmma_m64k16<half, MT>(acc, af[i], desc + 2 * i, fresh && i == 0 ? 0 : 1);
-      wgmma_commit();
-      fence_registers(acc);
+        for (int i = 0; i < 4; ++i) mma(af[i], desc + 2 * i, fresh && i == 0 ? 0 : 1);
+        wgmma_commit();
+        if constexpr (!kScaleA) {
+          scale_floats(stage, 0, ps0, ps1);  // the group (or channel) of this tile
+          pending = (kt + 1) % tiles_per_group == 0;
+        }
+      }
+      fence_d();
       held = stage;
       fresh = false;
       if (++stage == STAGES) stage = 0, phase ^= 1u;
     }
     if (w == w1) launch_dependents();
     wgmma_wait<0>();
-    fence_registers(acc);
-    if (per_channel) {  // acc = scale * acc, with the scales of the last tile's stage (row 0)
-      uint16_t h0, h1;
-      load_scales(held, 0, h0, h1);
-      const float s0 = __half2float(__ushort_as_half(h0)), s1 = __half2float(__ushort_as_half(h1));
-#pragma unroll
-      for (int q = 0; q < kAcc / 4; ++q) {
-        acc[4 * q + 0] *= s0, acc[4 * q + 1] *= s0;
-        acc[4 * q + 2] *= s1, acc[4 * q + 3] *= s1;
+    fence_d();
+    if constexpr (kScaleA) {
+      if (per_channel) {  // acc = scale * acc, with the scales of the last tile's stage (row 0)
+        float s0, s1;
+        scale_floats(held, 0, s0, s1);
+        scale_fold<false>(acc, acc, s0, s1);
       }
+    } else {
+      scale_fold<true>(acc, grp, ps0, ps1);  // the last group (complete or cut by the segment's end)
     }
     if (lane == 0) mbar_arrive(empty0 + 8 * held);
     held = -1;
-    store(u, seg_kt0 == 0 && kt == k_tiles);
+    // The segment's sum to C (the whole unit) or to this block's scratch slot (0: its first unit, 1: its last).
+    const int strip = (u / m_tiles) * WG + wg;
+    if (strip < n_strips) {  // uniform over the warpgroup
+      float* slot = scratch + (static_cast<size_t>(blockIdx.x) * 2 + (u == first_unit ? 0 : 1)) * (MT * kTileN);
+      store_segment<T, MT, WG>(acc, c, slot, seg_kt0 == 0 && kt == k_tiles, m, n, (u % m_tiles) * MT, strip, wg,
+                               lane, col0);
+    }
+    if constexpr (!kScaleA) {  // (fp16: the next segment's first wgmma overwrites acc)
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+    }
     kt = 0;
   }
 #else

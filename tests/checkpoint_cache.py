@@ -1,4 +1,5 @@
-"""A Marlin checkpoint of the built-in model shared by the test modules that need one (made once per session)."""
+"""Helpers shared by the test modules: a Marlin checkpoint of the built-in model (made once per session), the
+built-in model cut to a few layers, and the CLI run in-process."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from marlin_cli.cli import main
 from marlin_cli.pipeline.quantize import QuantizeJob, quantize
 from marlin_cli.settings import QuantSettings
+
+
+def run_cli(*args: object) -> tuple[int, str]:
+    """``marlin ARGS`` in-process; returns (exit code, everything printed)."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
 
 
 def rtn_checkpoint(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:

@@ -31,3 +31,11 @@ def tokenizer(builtin_model_dir: Path):  # noqa: ANN201 (a transformers tokenize
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(builtin_model_dir)
+
+
+@pytest.fixture(scope="module")
+def two_layers(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in model cut to 2 decoder layers (real weights, K = 576 and 1536), one copy per test module."""
+    from checkpoint_cache import shallow_copy
+
+    return shallow_copy(builtin_model_dir, tmp_path_factory.mktemp("src") / "two", 2)

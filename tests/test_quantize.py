@@ -15,12 +15,11 @@ from pathlib import Path
 import checkpoint_cache
 import pytest
 import torch
-from click.testing import CliRunner
+from checkpoint_cache import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gptq.solver import HessianAccumulator, relative_output_error
-from marlin_cli.cli import main
 from marlin_cli.data.corpora import calibration_samples
 from marlin_cli.eval.ppl import measure
 from marlin_cli.loading import load_model
@@ -32,12 +31,6 @@ from marlin_cli.settings import QuantSettings
 CALIB = {"dataset": "pydocs", "nsamples": 32, "seqlen": 256, "seed": 0}
 GROUP = 64
 EVAL_LEN = 512
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    """``marlin ARGS`` in-process; returns (exit code, everything printed)."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def leftovers(folder: Path) -> list[str]:

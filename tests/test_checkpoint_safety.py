@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from checkpoint_cache import run_cli
 
-from marlin_cli.cli import main
 from marlin_cli.errors import MarlinError
 from marlin_cli.formats.folder import CheckpointWriter
 from marlin_cli.pipeline.weights import WeightStore
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])

@@ -7,28 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import checkpoint_cache
 import pytest
 import serve_checkpoints as sc
 import torch
-from click.testing import CliRunner
+from checkpoint_cache import run_cli
 
-from marlin_cli.cli import main
 from marlin_cli.eval.perplexity import stream_perplexity
 from marlin_cli.loading import load_model
 
 IDS = torch.tensor([[1, 42, 7, 300, 5, 900, 31, 4000, 17, 2]])
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-@pytest.fixture(scope="module")
-def two_layers(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in model cut to 2 decoder layers (real weights, K = 576 and 1536)."""
-    return checkpoint_cache.shallow_copy(builtin_model_dir, tmp_path_factory.mktemp("src") / "two", 2)
 
 
 CASES = [

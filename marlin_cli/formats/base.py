@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+
+from marlin_cli.errors import MarlinError
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,34 @@ class TensorSource(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
 
     def names(self) -> list[str]: ...
+
+
+def layer_names(source: TensorSource, suffix: str) -> list[str]:
+    """Modules of ``source`` that hold a tensor ``<module>.<suffix>``, in storage order."""
+    tail = "." + suffix
+    return [name[: -len(tail)] for name in source.names() if name.endswith(tail)]
+
+
+Decode = Callable[[dict[str, torch.Tensor], str, Any], tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]]
+"""``decode(tensors, layer, scheme) -> (codes [N, K], scales [N, G], perm or None)`` of one layer."""
+
+
+def read_codes(source: TensorSource, qc: dict, *, label: str, marker: str, layer_tensors: tuple[str, ...],
+               parse_config: Callable[[dict, str], Any], decode: Decode) -> Iterator[CodesLinear]:
+    """The ``read`` of a format that stores codes + scales per layer (compressed-tensors, GPTQ).
+
+    Parses ``qc`` with ``parse_config(qc, where)`` (a scheme with ``group_size``), finds the layers by their
+    ``<layer>.<marker>`` tensor, hands each layer's tensors among ``layer_tensors`` to ``decode`` and yields a
+    :class:`CodesLinear` per layer, in storage order. A MarlinError naming ``label`` when no layer is found."""
+    where = f"{getattr(source, 'model_dir', 'checkpoint')}/config.json"
+    scheme = parse_config(qc, where)
+    layers = layer_names(source, marker)
+    if not layers:
+        raise MarlinError(f"{where} says {label}, but no tensor is named '<layer>.{marker}'")
+    for layer in layers:
+        tensors = {key: source.get(f"{layer}.{key}") for key in layer_tensors if f"{layer}.{key}" in source}
+        codes, scales, perm = decode(tensors, layer, scheme)
+        yield CodesLinear(layer, codes, scales, scheme.group_size, perm=perm)
 
 
 def summarize(problems: list[str], hint: str) -> list[str]:

@@ -463,20 +463,10 @@ def recognizes(qc: dict) -> bool:
     return qc.get("quant_method") == "compressed-tensors"
 
 
-def layer_names(source: TensorSource, suffix: str) -> list[str]:
-    """Modules of ``source`` that hold a tensor ``<module>.<suffix>``, in storage order."""
-    tail = "." + suffix
-    return [name[: -len(tail)] for name in source.names() if name.endswith(tail)]
-
-
 def read(source: TensorSource, qc: dict) -> Iterator[CodesLinear]:
     """Codes and scales of every ``pack-quantized`` linear (act-order layers sorted, with their permutation)."""
-    where = f"{getattr(source, 'model_dir', 'checkpoint')}/config.json"
-    scheme = parse_config(qc, where)
-    layers = layer_names(source, "weight_packed")
-    if not layers:
-        raise MarlinError(f"{where} says compressed-tensors, but no tensor is named '<layer>.weight_packed'")
-    for layer in layers:
-        tensors = {key: source.get(f"{layer}.{key}") for key in LAYER_TENSORS if f"{layer}.{key}" in source}
-        codes, scales, perm = decode_tensors(tensors, layer, scheme.group_size)
-        yield CodesLinear(layer, codes, scales, scheme.group_size, perm=perm)
+    from marlin_cli.formats.base import read_codes  # one read loop for the codes + scales formats
+
+    return read_codes(source, qc, label="compressed-tensors", marker="weight_packed", layer_tensors=LAYER_TENSORS,
+                      parse_config=parse_config,
+                      decode=lambda tensors, layer, scheme: decode_tensors(tensors, layer, scheme.group_size))

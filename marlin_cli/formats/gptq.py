@@ -342,14 +342,9 @@ def recognizes(qc: dict) -> bool:
 
 def read(source: TensorSource, qc: dict) -> Iterator[CodesLinear]:
     """Codes and scales of every GPTQ linear (zeros checked against v1/v2; act-order sorted, with its permutation)."""
-    from marlin_cli.formats.compressed_tensors import layer_names
+    from marlin_cli.formats.base import read_codes  # one read loop for the codes + scales formats
 
-    where = f"{getattr(source, 'model_dir', 'checkpoint')}/config.json"
-    scheme = parse_config(qc, where)
-    layers = layer_names(source, "qweight")
-    if not layers:
-        raise MarlinError(f"{where} says GPTQ, but no tensor is named '<layer>.qweight'")
-    for layer in layers:
-        tensors = {key: source.get(f"{layer}.{key}") for key in LAYER_TENSORS if f"{layer}.{key}" in source}
-        codes, scales, perm = decode_tensors(tensors, scheme.group_size, scheme.zero_format, scheme.sym, layer)
-        yield CodesLinear(layer, codes, scales, scheme.group_size, perm=perm)
+    return read_codes(source, qc, label="GPTQ", marker="qweight", layer_tensors=LAYER_TENSORS,
+                      parse_config=parse_config,
+                      decode=lambda tensors, layer, scheme: decode_tensors(tensors, scheme.group_size,
+                                                                           scheme.zero_format, scheme.sym, layer))

@@ -6,6 +6,8 @@ in_features). The kernel multiplies by ``B = W.T`` of shape [K, N]. Quantization
     code q[k, n] in 0..15,      B[k, n] = (q[k, n] - 8) * s[k // g, n]
 
 with one scale per group of ``g`` consecutive input rows and output column (``g = -1``: one per column).
+A scale may be negative (signed scales: the group's larger-magnitude side on code 0, ``q - 8 = -8``); nothing in
+this layout depends on the sign, which packing, unpacking and :func:`dequantize` keep as it is.
 
 Padding. The kernel works on K % 64 == 0 and N % 64 == 0 with ``g`` dividing K. Other shapes are padded:
 ``K_pad = round_up(K, lcm(64, g))``, ``N_pad = round_up(N, 64)``; padded entries get code 8 and scale 1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checkpoint_cache import signed_grid_random
 
 from marlin_cli.errors import MarlinError
 from marlin_cli.formats import compressed_tensors as ct
@@ -20,17 +21,20 @@ PackedQuantizationCompressor = ct_compressors.PackedQuantizationCompressor
 
 SHAPES = [(1536, 576), (576, 1536), (96, 64), (64, 256)]  # (N, K): built-in model's MLP shapes and small ones
 GROUPS = [32, 64, 128, -1]
+DATA = ["random-sign", "signed-grid"]
+"""Test data: uniform codes with scales of random sign, or issue 18's signed grid of a random weight (each
+group's larger-magnitude side on code 0, so the scale is negative where that side is positive)."""
 
 
-def _random(n: int, k: int, g: int, seed: int, negative: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _random(n: int, k: int, g: int, seed: int, data: str = "random-sign") -> tuple[torch.Tensor, torch.Tensor]:
     """Codes uint8 [N, K] and fp16-representable float32 scales [N, G], about half of them negative."""
+    if data == "signed-grid":
+        return signed_grid_random(n, k, g, seed)
     gen = torch.Generator().manual_seed(seed)
     groups = 1 if g == -1 else k // g
     codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
     scales = (torch.rand(n, groups, generator=gen) * 0.05 + 1e-3).half().float()
-    if negative:
-        scales = torch.where(torch.rand(n, groups, generator=gen) < 0.5, -scales, scales)
-    return codes, scales
+    return codes, torch.where(torch.rand(n, groups, generator=gen) < 0.5, -scales, scales)
 
 
 def _dense(codes: torch.Tensor, scales: torch.Tensor, g: int) -> torch.Tensor:
@@ -50,12 +54,13 @@ def _library_decompress(tensors: dict[str, torch.Tensor], g: int) -> torch.Tenso
     return PackedQuantizationCompressor.decompress(dict(tensors), _scheme(g))["weight"]
 
 
+@pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_library_decompresses_our_export_exactly(n: int, k: int, g: int) -> None:
+def test_library_decompresses_our_export_exactly(n: int, k: int, g: int, data: str) -> None:
     if g != -1 and k % g:
         pytest.skip("K not a multiple of g")
-    codes, scales = _random(n, k, g, seed=n * 7 + k + g)
+    codes, scales = _random(n, k, g, seed=n * 7 + k + g, data=data)
     tensors = ct.encode_tensors(codes, scales, g, dtype=torch.float32)
     assert tensors["weight_packed"].dtype == torch.int32 and tuple(tensors["weight_packed"].shape) == (n, k // 8)
     assert tensors["weight_scale"].dtype == torch.float32 and tuple(tensors["weight_scale"].shape) == scales.shape
@@ -64,14 +69,15 @@ def test_library_decompresses_our_export_exactly(n: int, k: int, g: int) -> None
     assert w.shape == (n, k)
     # fp16-representable scales times |q - 8| <= 8 are exact in float32: the comparison can be exact.
     assert torch.equal(w.double(), _dense(codes, scales, g))
-    assert (scales < 0).any()
+    assert (scales < 0).any() and (scales > 0).any()
 
 
+@pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_library_decompress_in_model_dtype(dtype: torch.dtype) -> None:
+def test_library_decompress_in_model_dtype(dtype: torch.dtype, data: str) -> None:
     """In fp16/bf16 the library multiplies in that dtype; ours must equal (q - 8) * s rounded the same way."""
     n, k, g = 576, 1536, 64
-    codes, scales = _random(n, k, g, seed=3)
+    codes, scales = _random(n, k, g, seed=3, data=data)
     tensors = ct.encode_tensors(codes, scales, g, dtype=dtype)
     w = _library_decompress(tensors, g)
     s = tensors["weight_scale"].repeat_interleave(g, dim=1)
@@ -92,23 +98,26 @@ def test_reversed_nibbles_are_caught() -> None:
     assert torch.equal(_library_decompress(tensors, g).double(), _dense(codes, scales, g))
 
 
+@pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("g", GROUPS)
-def test_round_trip(g: int) -> None:
+def test_round_trip(g: int, data: str) -> None:
     n, k = 576, 1536
-    codes, scales = _random(n, k, g, seed=5 + g)
+    codes, scales = _random(n, k, g, seed=5 + g, data=data)
     for dtype in (torch.float16, torch.float32):
         codes2, scales2, perm = ct.decode_tensors(ct.encode_tensors(codes, scales, g, dtype=dtype), group_size=g)
         assert perm is None and codes2.dtype == torch.uint8
         assert torch.equal(codes2, codes) and torch.equal(scales2, scales.to(dtype))
 
 
+@pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("g", GROUPS)
-def test_library_compress_decodes_through_ours(g: int) -> None:
-    """The library packs a fake-quantized weight (W = (q - 8) * s exactly); our decoder gets q and s back."""
+def test_library_compress_decodes_through_ours(g: int, data: str) -> None:
+    """The library packs a fake-quantized weight (W = (q - 8) * s exactly, negative s included); our decoder
+    gets q and s back."""
     n, k = 1536, 576
     if g != -1 and k % g:
         g = 64
-    codes, scales = _random(n, k, g, seed=17 + g)
+    codes, scales = _random(n, k, g, seed=17 + g, data=data)
     w = _dense(codes, scales, g).float()
     state = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scales.clone()}, _scheme(g))
     assert set(state) == {"weight_packed", "weight_scale", "weight_shape"}

@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from checkpoint_cache import signed_grid_random
 
+from marlin_cli import loading
 from marlin_cli.errors import MarlinError
 from marlin_cli.formats import compressed_tensors as ct
 from marlin_cli.formats import gptq
@@ -18,10 +20,16 @@ from marlin_cli.formats import gptq
 SHAPES = [(1536, 576), (576, 1536), (64, 256)]  # (N, K): built-in model's MLP shapes and a small one
 GROUPS = [32, 64, 128, -1]
 ZERO_FORMATS = ["v1", "v2"]
+DATA = ["random-sign", "signed-grid"]
+"""Test data: uniform codes with scales of random sign, or issue 18's signed grid of a random weight (each
+group's larger-magnitude side on code 0, so the scale is negative where that side is positive)."""
 
 
-def _random(n: int, k: int, g: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _random(n: int, k: int, g: int, seed: int, data: str = "random-sign") -> tuple[torch.Tensor, torch.Tensor]:
     """Codes uint8 [N, K] and fp16 scales [N, G] (some negative)."""
+    if data == "signed-grid":
+        codes, scales = signed_grid_random(n, k, g, seed)
+        return codes, scales.half()
     gen = torch.Generator().manual_seed(seed)
     groups = 1 if g == -1 else k // g
     codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
@@ -57,13 +65,15 @@ def _loop_pack_rows(intweight: np.ndarray) -> np.ndarray:
     return out.astype(np.int32)
 
 
+@pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("zero_format", ZERO_FORMATS)
 @pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_autogptq_formula_gives_definition(n: int, k: int, g: int, zero_format: str) -> None:
+def test_autogptq_formula_gives_definition(n: int, k: int, g: int, zero_format: str, data: str) -> None:
     if g != -1 and k % g:
         pytest.skip("K not a multiple of g")
-    codes, scales = _random(n, k, g, seed=n + k + g)
+    codes, scales = _random(n, k, g, seed=n + k + g, data=data)
+    assert (scales < 0).any() and (scales > 0).any()
     t = gptq.encode_tensors(codes, scales, g, zero_format=zero_format)
     groups = scales.shape[1]
     assert t["qweight"].dtype == torch.int32 and tuple(t["qweight"].shape) == (k // 8, n)
@@ -77,12 +87,13 @@ def test_autogptq_formula_gives_definition(n: int, k: int, g: int, zero_format: 
     assert torch.equal(t["qweight"], torch.from_numpy(_loop_pack_rows(codes.T.numpy())))
 
 
+@pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("g", GROUPS)
-def test_v1_v2_confusion_is_caught(g: int) -> None:
+def test_v1_v2_confusion_is_caught(g: int, data: str) -> None:
     n, k = 1536, 576
     if g != -1 and k % g:
         g = 64
-    codes, scales = _random(n, k, g, seed=41)
+    codes, scales = _random(n, k, g, seed=41, data=data)
     g_idx = torch.zeros(k, dtype=torch.int64) if g == -1 else torch.arange(k) // g
     v1, v2 = gptq.encode_tensors(codes, scales, g, "v1"), gptq.encode_tensors(codes, scales, g, "v2")
     assert torch.equal(v1["qweight"], v2["qweight"]) and torch.equal(v1["scales"], v2["scales"])
@@ -98,6 +109,34 @@ def test_v1_v2_confusion_is_caught(g: int) -> None:
     for zf, t in (("v1", v1), ("v2", v2)):
         c, s, perm = gptq.decode_tensors(t, g, zf)
         assert perm is None and torch.equal(c, codes) and torch.equal(s, scales)
+
+
+class _Tensors(dict):
+    """A :class:`marlin_cli.formats.TensorSource` over a dict of tensors (a checkpoint without files)."""
+
+    def names(self) -> list[str]:
+        return list(self)
+
+
+@pytest.mark.parametrize("zero_format", ZERO_FORMATS)
+@pytest.mark.parametrize("g", [32, 64, 192, -1])
+def test_our_loader_reads_signed_scales_exactly(g: int, zero_format: str) -> None:
+    """A GPTQ layer with issue 18's signed scales, read by the format's ``read`` and built by the loader into
+    the layer it serves: its weight is exactly what AutoGPTQ's formula gives, and its CPU product agrees with
+    the float64 one (g = 192 is loaded as groups of 64 sharing scales)."""
+    n, k = 576, 1536
+    codes, scales = _random(n, k, g, seed=67 + g, data="signed-grid")
+    t = gptq.encode_tensors(codes, scales, g, zero_format=zero_format)
+    want = _autogptq_dequant(t, v1=zero_format == "v1")  # W [N, K], float64
+    assert (scales < 0).any() and torch.equal(want, _dense(codes, scales, t["g_idx"]))
+    source = _Tensors({f"model.layers.0.mlp.up_proj.{key}": v for key, v in t.items()})
+    (item,) = list(gptq.read(source, gptq.build_config(g, zero_format=zero_format)))
+    layer = loading._quantized_linear(item, None, "cpu").float()
+    assert torch.equal(layer.dense_weight(torch.float64, torch.device("cpu"))[:k, :n].T, want)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(71), dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(x.float()).double()
+    torch.testing.assert_close(got, x @ want.T, rtol=1e-5, atol=1e-5 * float((x @ want.T).abs().max()))
 
 
 @pytest.mark.parametrize("g", [32, 64, -1])

@@ -1,8 +1,10 @@
 """Export: ``marlin quantize`` / ``marlin export`` write compressed-tensors and GPTQ checkpoints that the clients'
-own code reads as the weights we meant, and the three formats convert into each other code for code.
+own code reads as the weights we meant, and the three formats convert into each other code for code, with
+positive scales and with issue 18's signed scales (about half negative).
 
 Oracles: transformers' compressed-tensors integration (the ``compressed-tensors`` library decompresses our
-export), AutoGPTQ's dequantization formula written out here, and our native Marlin checkpoint."""
+export), AutoGPTQ's dequantization formula written out here, our native Marlin checkpoint, and for the signed
+scales the grid computed here (:func:`checkpoint_cache.signed_grid`)."""
 
 from __future__ import annotations
 
@@ -11,41 +13,57 @@ from pathlib import Path
 
 import checkpoint_cache
 import pytest
+import test_quantize
 import torch
-from click.testing import CliRunner
+from checkpoint_cache import run_cli, signed_grid
 from safetensors.torch import load_file, save_file
 
 from gptq import format as fmt
-from marlin_cli.cli import main
+from marlin_cli.errors import MarlinError
 from marlin_cli.eval.ppl import measure
 from marlin_cli.loading import load_model
+from marlin_cli.pipeline.pack import codes_from_grid
 
 IDS = torch.tensor([[1, 42, 7, 300, 5, 900, 31, 4000, 17, 2]])
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-@pytest.fixture(scope="module")
-def two_layers(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return checkpoint_cache.shallow_copy(builtin_model_dir, tmp_path_factory.mktemp("src") / "two", 2)
+SOURCES = ["quantize-rtn", "pack-signed"]
+"""Where the chain's first Marlin checkpoint comes from: ``marlin quantize --nearest``, or ``marlin pack`` of
+the model fake-quantized on issue 18's signed grid (about half of the scales negative)."""
 
 
 @pytest.fixture(scope="module")
-def exports(two_layers: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A native Marlin RTN g64 checkpoint of the 2-layer model, exported marlin -> ct -> gptq -> marlin."""
-    root = tmp_path_factory.mktemp("exports")
-    code, output = run_cli("quantize", two_layers, "--out", root / "marlin", "--nearest", "--group-size", "64",
-                           "--format", "marlin", "--quiet")
+def signed_pack(two_layers: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``marlin pack --format marlin`` (g64) of the 2-layer model with every decoder linear fake-quantized on
+    :func:`checkpoint_cache.signed_grid` (test_quantize's fake-quantizer with the signed grid swapped in)."""
+    root = tmp_path_factory.mktemp("signed")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(test_quantize, "independent_rtn", signed_grid)
+        fake, scales = test_quantize.make_fake_quantized(two_layers, root / "fake", 64)
+    code, output = run_cli("pack", fake, "--scales", scales, "--group-size", "64", "--format", "marlin",
+                           "--out", root / "marlin")
     assert code == 0, output
+    return root / "marlin"
+
+
+@pytest.fixture(scope="module", params=SOURCES)
+def exports(request: pytest.FixtureRequest, two_layers: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> dict[str, Path]:
+    """A native Marlin g64 checkpoint of the 2-layer model (see :data:`SOURCES`), exported
+    marlin -> ct -> gptq -> marlin."""
+    root = tmp_path_factory.mktemp("exports")
+    if request.param == "pack-signed":
+        folders = {"marlin": request.getfixturevalue("signed_pack")}
+    else:
+        folders = {"marlin": root / "marlin"}
+        code, output = run_cli("quantize", two_layers, "--out", root / "marlin", "--nearest", "--group-size", "64",
+                               "--format", "marlin", "--quiet")
+        assert code == 0, output
     chain = [("marlin", "ct", "compressed-tensors"), ("ct", "gptq", "gptq"), ("gptq", "marlin2", "marlin")]
     for src, dst, name in chain:
-        code, output = run_cli("export", root / src, "--format", name, "--out", root / dst)
+        folders[dst] = root / dst
+        code, output = run_cli("export", folders[src], "--format", name, "--out", folders[dst])
         assert code == 0, output
         assert "vLLM's Marlin shape rule" in output or name == "marlin", output  # K = 576: warned, not refused
-    return {name: root / name for name in ("marlin", "ct", "gptq", "marlin2")}
+    return folders
 
 
 def marlin_dense(folder: Path) -> dict[str, torch.Tensor]:
@@ -58,6 +76,39 @@ def marlin_dense(folder: Path) -> dict[str, torch.Tensor]:
         b = fmt.dequantize(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], qc["group_size"])
         out[name] = b[:k, :n].T.contiguous()
     return out
+
+
+def test_pack_keeps_signed_scales_exactly(signed_pack: Path, two_layers: Path) -> None:
+    """The signed grid through ``marlin pack``: every Marlin weight is exactly (q - 8) * s of the grid computed
+    here from the source weights, and about half of the scales are negative (so the chain tests see them)."""
+    source = load_file(two_layers / "model.safetensors")
+    negative = total = 0
+    for name, w in marlin_dense(signed_pack).items():
+        codes, s = signed_grid(source[f"{name}.weight"], 64)
+        assert torch.equal(w.double(), (codes.double() - 8) * s.repeat_interleave(64, dim=1)), name
+        negative, total = negative + int((s < 0).sum()), total + s.numel()
+    assert 0.35 < negative / total < 0.65, (negative, total)
+
+
+def test_pack_takes_negative_scales_and_refuses_weights_off_their_grid() -> None:
+    s = torch.tensor([[-0.5, 0.25], [0.0, -1.0]], dtype=torch.float16)  # N = 2, K = 8, g = 4
+    codes = torch.tensor([[0, 3, 8, 15, 0, 15, 8, 1], [8, 8, 8, 8, 0, 7, 15, 8]])
+    w = ((codes - 8) * s.float().repeat_interleave(4, dim=1)).half()
+    assert w[0, 0] == 4 and w[1, 4] == 8  # a positive extreme on code 0 where the scale is negative
+    got = codes_from_grid("L", w, s, 4)
+    assert torch.equal(got.codes, codes.to(torch.uint8)) and torch.equal(got.scales, s.float())
+
+    def changed(r: int, c: int, value: float) -> torch.Tensor:
+        out = w.float().clone()
+        out[r, c] = value
+        return out
+
+    with pytest.raises(MarlinError, match=r"L: weight \[0, 1\] = -4 needs code 16, outside 0..15 for scale -0.5"):
+        codes_from_grid("L", changed(0, 1, -4.0), s, 4)  # -4 = 8 * s: one level past 7 * s
+    with pytest.raises(MarlinError, match=r"L: weight \[0, 2\] = 0.2 is 0.4 grid steps off"):
+        codes_from_grid("L", changed(0, 2, 0.2), s, 4)
+    with pytest.raises(MarlinError, match=r"L: weight \[1, 0\] = 1 is inf grid steps off .* scale 0;"):
+        codes_from_grid("L", changed(1, 0, 1.0), s, 4)
 
 
 def test_export_chain_gives_bit_identical_marlin_tensors(exports: dict[str, Path]) -> None:

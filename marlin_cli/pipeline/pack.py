@@ -5,6 +5,8 @@ Input: a Hugging Face model folder (fp16/bf16/fp32 weights, e.g. exported by a f
 safetensors file holding ``<linear name>.scales`` [out_features, groups] for every quantized linear
 (groups = ceil(in_features / g), or 1 per channel). Each weight must equal ``(q - 8) * s`` for integer q in
 0..15, up to the rounding of the weight's own dtype; otherwise the packing stops and names the worst element.
+A scale may be negative (signed scales: the group's larger-magnitude side on the 16th level, ``q = 0``); a zero
+scale stands for a group of zero weights.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ SOLVER_ONLY = ("damp", "clip", "clip_grid", "clip_max_shrink", "act_order", "dat
 """Settings that describe a quantizer run; ``pack`` runs none, so its ``quantization_config`` leaves them out."""
 
 GRID_TOLERANCE = 0.02
-"""Largest allowed distance of w / s from an integer, in grid steps. fp16 weights of magnitude up to 8 s are
+"""Largest allowed distance of w / s from an integer, in grid steps. fp16 weights of magnitude up to 8 |s| are
 rounded by at most 2^-11 * 8 = 0.004 steps; anything further is not on the grid."""
 
 
@@ -43,7 +45,8 @@ class _Codes:
 
 
 def codes_from_grid(name: str, w: torch.Tensor, s: torch.Tensor, group_size: int) -> _Codes:
-    """Recover codes from fake-quantized weights W [N, K] and scales S [N, G]; MarlinError if off the grid."""
+    """Recover codes from fake-quantized weights W [N, K] and scales S [N, G] (any sign; 0 for a group of zeros);
+    MarlinError if off the grid."""
     n, k = w.shape
     groups = 1 if group_size == -1 else math.ceil(k / group_size)
     if tuple(s.shape) != (n, groups):
@@ -51,15 +54,16 @@ def codes_from_grid(name: str, w: torch.Tensor, s: torch.Tensor, group_size: int
                           f"needs [{n}, {groups}]")
     w = w.to(torch.float64)
     s = s.to(torch.float64)
-    if bool((s < 0).any()) or not bool(torch.isfinite(s).all()):
-        raise MarlinError(f"{name}: scales must be finite and non-negative")
+    if not bool(torch.isfinite(s).all()):
+        raise MarlinError(f"{name}: scales must be finite")
     per = k if group_size == -1 else group_size
     s_full = s.repeat_interleave(per, dim=1)[:, :k]
-    safe = torch.where(s_full > 0, s_full, torch.ones_like(s_full))
-    ratio = torch.where(s_full > 0, w / safe, torch.zeros_like(w))
+    nonzero = s_full != 0  # negative scales are as valid as positive ones: W = (q - 8) * s either way
+    safe = torch.where(nonzero, s_full, torch.ones_like(s_full))
+    ratio = torch.where(nonzero, w / safe, torch.zeros_like(w))
     q = torch.round(ratio)
     off = (ratio - q).abs()
-    off = torch.where((s_full == 0) & (w != 0), torch.full_like(off, float("inf")), off)
+    off = torch.where(~nonzero & (w != 0), torch.full_like(off, float("inf")), off)
     worst = int(off.argmax())
     r, c = divmod(worst, k)
     if off.view(-1)[worst] > GRID_TOLERANCE:
@@ -72,7 +76,8 @@ def codes_from_grid(name: str, w: torch.Tensor, s: torch.Tensor, group_size: int
         idx = int(bad.view(-1).nonzero()[0])
         r, c = divmod(idx, k)
         raise MarlinError(f"{name}: weight [{r}, {c}] = {w[r, c].item():.6g} needs code {int(codes[r, c])}, outside "
-                          f"0..15 for scale {s_full[r, c].item():.6g}; symmetric 4-bit covers [-8 s, 7 s]")
+                          f"0..15 for scale {s_full[r, c].item():.6g}; symmetric 4-bit covers (q - 8) * s for q in 0..15, "
+                          "from -8 s to 7 s")
     return _Codes(codes.to(torch.uint8), s.to(torch.float32))
 
 

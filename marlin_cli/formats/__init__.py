@@ -16,7 +16,8 @@ tensors and ``quantization_config`` of its format, and reads them back. It does 
 ``encode(linear: QuantizedLinear) -> dict[str, torch.Tensor]``
     The tensors to write for one quantized linear, by full tensor name (``f"{linear.name}.qweight"``...).
     ``linear.codes`` is uint8 [N, K] in 0..15 with ``W = (q - 8) * s``; ``linear.scales`` float32 [N, G]
-    (G = ceil(K / g), or 1 when ``group_size == -1``). The bias (if any) and every unquantized tensor
+    (G = ceil(K / g), or 1 when ``group_size == -1``) of either sign: a negative scale (issue 18's signed
+    grid) is written as it is, never as its absolute value. The bias (if any) and every unquantized tensor
     are written by the pipeline in fp16 under their own names; ``encode`` returns only the linear's own.
 
 ``quantization_config(settings: QuantSettings, modules: Sequence[str]) -> dict``

@@ -27,7 +27,8 @@ class QuantizedLinear:
     Attributes:
         name: full module name, e.g. ``model.layers.0.self_attn.q_proj``.
         codes: uint8 [N, K] in 0..15 (N = out_features, K = in_features); ``W = (q - 8) * s``.
-        scales: float32 [N, G], G = ceil(K / group_size), or 1 when ``group_size == -1``.
+        scales: float32 [N, G], G = ceil(K / group_size), or 1 when ``group_size == -1``; any sign (a negative
+            scale puts the group's larger-magnitude side, positive, on code 0).
         group_size: input features per scale (one of ``gptq.format.GROUP_SIZES``).
     """
 
@@ -61,7 +62,7 @@ class CodesLinear:
     Attributes:
         codes: integer [N, K] in 0..15, ``W = (q - 8) * s`` (symmetric; a format with other zero points
             converts or refuses).
-        scales: float [N, G].
+        scales: float [N, G], any sign, as stored.
         g_idx: optional int [K], the group of each input feature; ``None`` or ``arange(K) // g`` are the
             plain layout; anything else must come sorted, with :attr:`perm` (a reader sorts act-order
             layers, so ``g_idx`` is informational).

@@ -98,7 +98,8 @@ def encode_tensors(
 
     Args:
         codes: uint8 (or any integer dtype) [N, K], values 0..15; W = (q - 8) * s.
-        scales: float [N, G] with G = K / g, or [N, 1] per channel (``group_size == -1``).
+        scales: float [N, G] with G = K / g, or [N, 1] per channel (``group_size == -1``). Negative values
+            allowed (stored as they are; AutoGPTQ's, GPTQModel's and vLLM's dequantization multiply by them).
         group_size: g > 0 dividing K, or -1.
         zero_format: ``"v1"`` stores zero - 1 = 7 per ``qzeros`` nibble, ``"v2"`` stores 8.
         dtype: dtype of ``scales`` (AutoGPTQ and vLLM's GPTQ loaders: fp16; or the model dtype).

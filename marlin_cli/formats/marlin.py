@@ -4,7 +4,7 @@ A checkpoint is a Hugging Face model folder (written by :class:`marlin_cli.forma
 - ``model.safetensors`` (or ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``): for each
   quantized linear ``<name>.qweight`` int32 [K_pad/16, 2*N_pad], ``<name>.scales`` fp16 [K_pad/g or 1, N_pad],
   ``<name>.shape`` int32 [2] (in, out features before padding), ``<name>.bias`` if any (layout in
-  gptq/format.py); every other tensor (embeddings, norms, lm_head, unquantized projections) in fp16.
+  gptq/format.py; scales of either sign); every other tensor (embeddings, norms, lm_head, unquantized projections) in fp16.
 - ``config.json`` with ``quantization_config`` (see :func:`quantization_config`), tokenizer files,
   ``generation_config.json`` when the source had one, and ``marlin_run.json``, the record of the run.
 

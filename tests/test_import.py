@@ -1,16 +1,19 @@
 """Import: GPTQ and compressed-tensors checkpoints written by *other tools* (built here by independent code,
 ``serve_checkpoints.py``) load through ``load_model`` and evaluate on the CPU exactly like the dense
-dequantized model; what cannot be served exactly is a one-line error with exit 2."""
+dequantized model, with positive scales and with issue 18's signed ones; what cannot be served exactly is a
+one-line error with exit 2."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import serve_checkpoints as sc
 import torch
-from checkpoint_cache import run_cli
+from checkpoint_cache import run_cli, signed_grid
+from safetensors.torch import load_file
 
 from marlin_cli.eval.perplexity import stream_perplexity
 from marlin_cli.loading import load_model
@@ -31,11 +34,33 @@ CASES = [
 ]
 
 
+_ABSMAX_RTN = sc.rtn
+
+
+def signed_rtn(w: torch.Tensor, g: int, order: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``serve_checkpoints.rtn`` with issue 18's signed grid instead of absmax / 7.5 scales: the same groups
+    (act-order ``g_idx`` included), each group's larger-magnitude side on code 0, about half the scales < 0."""
+    _, _, g_idx = _ABSMAX_RTN(w, g, order)
+    by_group = torch.from_numpy(np.argsort(g_idx, kind="stable"))
+    codes, scales = signed_grid(w[:, by_group], w.shape[1] if g == -1 else g)
+    q = np.empty(tuple(codes.shape), dtype=np.uint32)
+    q[:, by_group.numpy()] = codes.numpy()
+    return q, scales.numpy().astype(np.float16), g_idx
+
+
+@pytest.mark.parametrize("scales", ["absmax", "signed"])
 @pytest.mark.parametrize(("fmt", "g", "act_order", "zeros_v2"), CASES, ids=lambda v: str(v))
 def test_other_tools_checkpoint_equals_the_dense_dequantized_model(
-    two_layers: Path, tmp_path: Path, fmt: str, g: int, act_order: bool, zeros_v2: bool
+    two_layers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, g: int, act_order: bool,
+    zeros_v2: bool, scales: str
 ) -> None:
+    if scales == "signed":
+        monkeypatch.setattr(sc, "rtn", signed_rtn)
     dense = sc.write_checkpoint(two_layers, tmp_path / "ckpt", fmt, g, act_order, zeros_v2)
+    stored = load_file(tmp_path / "ckpt" / "model.safetensors")
+    written = torch.cat([v.flatten() for k, v in stored.items() if k.endswith(("scales", "weight_scale"))])
+    negative = float((written < 0).double().mean())
+    assert 0.35 < negative < 0.65 if scales == "signed" else negative == 0, negative
     loaded = load_model(str(tmp_path / "ckpt"), device="cpu", dtype=torch.float32)
     layer = loaded.model.model.layers[1].self_attn.q_proj
     assert type(layer).__name__ == "MarlinLinear" and (layer.perm is not None) == (act_order and g != -1)

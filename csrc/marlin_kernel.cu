@@ -35,7 +35,11 @@ namespace marlin {
 constexpr int kStrips = 4;      // k16 strips (16 rows x 64 columns, one 16-byte load per lane) per warp per tile
 static_assert(16 * kStrips == kTileK, "a pipeline stage is one work item of the plan (marlin_plan.h)");
 constexpr int kMaxRows = 64;    // rows of A per launch at most (four m16 blocks)
-constexpr int kWgmmaMinRows = 33;  // MARLIN_KERNEL_AUTO takes the wgmma kernel from this m on, where available
+// MARLIN_KERNEL_AUTO takes the wgmma kernel from this m on, where available: fp16 from 9 rows, bf16 from 17.
+// Measured on an H100 (docs/kernel.md, round 7; sums over the Llama-2 layers, mma.sync / wgmma us): fp16 7B
+// m = 8 60.2 / 61.6, 12 66.3 / 62.7, 16 70.1 / 63.5; 70B m = 8 187.9 / 196.1, 12 201.1 / 198.8, 16 207.9 / 201.0;
+// bf16 7B m = 16 72.4 / 67.8, 24 80.8 / 75.5; 70B m = 16 213.8 / 226.6, 24 279.1 / 244.8.
+constexpr int wgmma_min_rows(int dtype) { return dtype == MARLIN_FP16 ? 9 : 17; }
 
 // Shared memory of one pipeline stage, in 16-byte vectors, for WARPS warps (one 64-column strip each).
 template <int M_BLOCKS, int WARPS>
@@ -779,7 +783,8 @@ int marlin_gemm(const void* a, const int32_t* qweight, const void* scales, void*
   const bool pdl = cc_major >= 9;  // programmatic dependent launch
   const bool wgmma_ok = marlin::wgmma_runs(cc_major, cc_minor);
   if (kernel == MARLIN_KERNEL_WGMMA && !wgmma_ok) return MARLIN_ERR_ARCH;
-  if (kernel == MARLIN_KERNEL_WGMMA || (kernel == MARLIN_KERNEL_AUTO && wgmma_ok && m >= marlin::kWgmmaMinRows)) {
+  const bool auto_wgmma = kernel == MARLIN_KERNEL_AUTO && wgmma_ok && m >= marlin::wgmma_min_rows(dtype);
+  if (kernel == MARLIN_KERNEL_WGMMA || auto_wgmma) {
     return marlin::sm90::gemm(a, q, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel ? 1 : 0,
                               dtype, sms, pdl, stream);
   }

@@ -20,9 +20,10 @@ pytestmark = [
 ]
 
 TOL = 1e-3
-# m: each kernel configuration's edges (mma.sync: 8, 16, 32, 64 rows per launch; wgmma: row tiles of 16, 32,
-# 64, 128, 256 with a TMA producer for fp16 above 32 rows), partial row tiles, several row tiles.
-M_SWEEP = (1, 2, 3, 7, 16, 17, 31, 33, 64, 118, 128, 129, 255, 1024)
+# m: each kernel configuration's edges (mma.sync: 8, 16, 32, 64 rows per launch; wgmma, TMA-fed: row tiles of
+# 16, 32, 64, 128, 256), the automatic choice's edges (wgmma from 9 rows in fp16, 17 in bf16), partial row
+# tiles, several row tiles.
+M_SWEEP = (1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 64, 118, 128, 129, 255, 1024)
 # (K, N) of the unpadded matrix: tile edges (64), the built-in model's 576 x 192, odd multiples of 64.
 SMALL_SHAPES = ((64, 64), (576, 192), (192, 576), (128, 320), (640, 1088), (1344, 448))
 LARGE_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 1280))

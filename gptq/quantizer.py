@@ -7,6 +7,15 @@ puts a negative extreme at -16/15 of itself and cuts a positive one to 14/15: on
 costs 4% perplexity in round-to-nearest g64 on the whole botchan stream, 43.46 vs 41.71.) Clipping shrinks this scale by a
 factor p. Scales are rounded to fp16 here, before codes are chosen, so that the codes are the best ones for
 the scales the kernel will actually read.
+
+Signed scales (:func:`signed_scale_candidates`, :func:`search_scales`): the kernel multiplies by ``s`` whatever
+its sign, so a group may take a negative scale. With ``s = -a / 8`` (``a`` the group's largest-magnitude
+weight, with its sign) the larger-magnitude side of the group gets the 16th level: ``a`` lands on
+``q - 8 = -8`` whichever its sign, and the step is ``max|w| / 8`` instead of ``max|w| / 7`` when the extreme is
+positive. The candidates are searched against an error metric (an importance per input feature, or GPTQ's
+metric ``||delta @ inv(U_FF)||^2``) and each is refitted by least squares for its codes: the scheme of
+llama.cpp's importance-matrix quantization and of AutoRound's "optimized RTN" (Cheng et al., 2023), written
+here for the Marlin grid.
 """
 
 from __future__ import annotations
@@ -91,3 +100,104 @@ def clip_search_scales(
         chosen = scale.squeeze(-1).gather(0, idx.unsqueeze(0)).squeeze(0)  # [R]
         best_scale = torch.where(better.unsqueeze(-1), chosen.unsqueeze(-1), best_scale)
     return best_scale
+
+
+DEFAULT_SEARCH = (0.70, 16)
+"""Scale search: ``(lowest factor, number of factors)``, the factors p = 1.00, 0.98, ..., 0.70 of each sign's
+covering scale. Measured on the built-in model (docs/quality.md): below 0.70 nothing is ever chosen at 4 bits."""
+
+
+def search_factors(lowest: float = DEFAULT_SEARCH[0], count: int = DEFAULT_SEARCH[1],
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [count] factors ``1 .. lowest`` evenly spaced, largest first (so that ties keep the covering
+    scale); ``[1.0]`` when ``count == 1``."""
+    if count == 1:
+        return torch.ones(1, device=device)
+    return torch.linspace(1.0, lowest, count, device=device)
+
+
+def signed_scale_candidates(w: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Both signs of scale for each shrink factor, rounded to fp16 and never zero.
+
+    Args:
+        w: float32 [R, g] a group of weights (rows = output features).
+        factors: float32 [P] shrink factors p (1 = the scale that covers the extreme).
+
+    Returns:
+        float32 [2P, R, 1]: ``-p a / 8`` (the extreme ``a`` on level -8: the signed grid) then ``p a / 7`` (the
+        extreme on level +7: the grid of :func:`row_scales`, which covers the other side more finely).
+    """
+    a = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))  # [R, 1] the signed extreme
+    p = factors.view(-1, 1, 1)
+    s = torch.cat([-a.unsqueeze(0) * p / ZERO, a.unsqueeze(0) * p / (MAXQ - ZERO)])
+    s = s.to(torch.float16).to(torch.float32)
+    return torch.where(s != 0, s, torch.ones_like(s))
+
+
+def _metric_error(delta: torch.Tensor, importance: torch.Tensor | None, u_inv: torch.Tensor | None) -> torch.Tensor:
+    """Error of ``delta`` [..., R, g] per row: ``sum(importance * delta^2)`` or ``||delta @ u_inv||^2``."""
+    if u_inv is not None:
+        return (delta @ u_inv).square().sum(dim=-1)
+    if importance is not None:
+        return (delta.square() * importance).sum(dim=-1)
+    return delta.square().sum(dim=-1)
+
+
+def search_scales(
+    w: torch.Tensor,
+    factors: torch.Tensor,
+    importance: torch.Tensor | None = None,
+    u_inv: torch.Tensor | None = None,
+    refit: bool = True,
+) -> torch.Tensor:
+    """Per row, the signed scale of least weighted error among :func:`signed_scale_candidates` and their refits.
+
+    For each candidate s the codes are ``round(w / s)`` clamped to -8..7; its refit is the least-squares
+    scale for those codes under the metric, ``s* = <w, q>_M / <q, q>_M`` (rounded to fp16), re-rounded and
+    kept where it is better. The metric is ``sum_j d_j delta_j^2`` with ``importance`` d (the mean squared
+    input of each feature: the diagonal of the layer's Hessian), or GPTQ's ``||delta @ u_inv||^2`` with
+    ``u_inv`` [g, g] the inverse of the group's block of the upper Cholesky factor of H^-1 (the error after the
+    remaining columns are optimally updated), or plain squared error when both are None.
+
+    Args:
+        w: float32 [R, g] weights of one group (or of many groups, one per row, with a per-row importance).
+        factors: float32 [P] see :func:`search_factors`.
+        importance: float32 [g] (shared by the rows) or [R, g], or None.
+        u_inv: float32 [g, g] or None.
+        refit: also try the least-squares refit of every candidate.
+
+    Returns:
+        float32 [R, 1] scales, fp16-representable, nonzero, of either sign.
+    """
+    # All candidates of a block of rows at once: temporaries [2P, rows, g] of about 1 MB on a CPU (they stay in
+    # cache), 256 MB on a GPU (few launches). No host synchronisation.
+    budget = (1 << 26) if w.is_cuda else (1 << 18)
+    rows = max(1, budget // (2 * factors.numel() * w.shape[1]))
+    per_row = importance is not None and importance.dim() == 2
+    out = [
+        _search_rows(w[r : r + rows], factors, importance[r : r + rows] if per_row else importance, u_inv, refit)
+        for r in range(0, w.shape[0], rows)
+    ]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _search_rows(
+    w: torch.Tensor, factors: torch.Tensor, importance: torch.Tensor | None, u_inv: torch.Tensor | None, refit: bool
+) -> torch.Tensor:
+    """:func:`search_scales` for one block of rows, every candidate at once."""
+    s = signed_scale_candidates(w, factors)  # [C, r, 1]
+    if refit:
+        q = torch.clamp(torch.round(w / s), -ZERO, MAXQ - ZERO)
+        if u_inv is not None:
+            wm, qm = w @ u_inv, q @ u_inv
+            num, den = (wm * qm).sum(-1, keepdim=True), qm.square().sum(-1, keepdim=True)
+        else:
+            qw = q if importance is None else q * importance
+            num, den = (qw * w).sum(-1, keepdim=True), (qw * q).sum(-1, keepdim=True)
+        fit = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), s)
+        fit = fit.to(torch.float16).to(torch.float32)
+        s = torch.cat([s, torch.where(fit != 0, fit, s)])  # [2C, r, 1]
+    delta = w - torch.clamp(torch.round(w / s), -ZERO, MAXQ - ZERO) * s
+    err = _metric_error(delta, importance, u_inv)  # [C', r]
+    idx = err.argmin(dim=0)  # the first of equal errors: the covering scale before its shrinks
+    return s.squeeze(-1).gather(0, idx.unsqueeze(0)).view(-1, 1)

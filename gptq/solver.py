@@ -21,7 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from gptq.quantizer import MAXQ, ZERO, clip_search_scales, dequant, quantize_codes, row_scales
+from gptq.quantizer import (
+    DEFAULT_SEARCH,
+    MAXQ,
+    ZERO,
+    clip_search_scales,
+    dequant,
+    quantize_codes,
+    row_scales,
+    search_factors,
+    search_scales,
+)
 
 
 class CholeskyError(RuntimeError):
@@ -45,6 +55,9 @@ class GPTQConfig:
         clip_grid: steps per unit of shrink in the clipping search.
         clip_max_shrink: largest fraction of the scale the clipping may remove.
         damp_retries: times the damping is multiplied by 10 when the Cholesky factorization fails.
+        signed: choose each group's scale among both signs by :func:`gptq.quantizer.search_scales` (GPTQ's
+            error metric, least-squares refits) instead of the unsigned clipping search.
+        search: ``(lowest factor, count)`` of the signed search (:func:`gptq.quantizer.search_factors`).
     """
 
     group_size: int = 128
@@ -54,6 +67,8 @@ class GPTQConfig:
     clip_grid: int = 100
     clip_max_shrink: float = 0.75
     damp_retries: int = 4
+    signed: bool = False
+    search: tuple[float, int] = DEFAULT_SEARCH
 
 
 @dataclass
@@ -112,6 +127,37 @@ class HessianAccumulator:
         return self.xtx * (2.0 / self.tokens)
 
 
+class ImportanceAccumulator:
+    """Mean squared input per feature, ``E[x_j^2]`` over calibration tokens: the diagonal of H up to a factor 2,
+    at the cost of one pass over the inputs (no K x K product). ``sums`` is float32 [K] on ``device``; each batch
+    is squared in float32 and summed, so a sum over ranks equals the one-process sum up to the order of terms."""
+
+    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
+        self.sums = torch.zeros(k, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    @property
+    def xtx(self) -> torch.Tensor:
+        """The running sums (the name :class:`HessianAccumulator` uses, for the all-reduce of several ranks)."""
+        return self.sums
+
+    @xtx.deleter
+    def xtx(self) -> None:
+        del self.sums
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add inputs ``x`` [..., K] (any float dtype); no host synchronisation."""
+        x = x.reshape(-1, x.shape[-1]).to(self.sums.device, torch.float32)
+        self.tokens += x.shape[0]
+        self.sums += x.square().sum(dim=0)
+
+    def finalize(self) -> torch.Tensor:
+        """float32 [K] mean squared input per feature."""
+        if self.tokens == 0:
+            raise ValueError("no calibration inputs reached this layer")
+        return self.sums / self.tokens
+
+
 class _tf32_matmul:  # noqa: N801 - used as a context manager
     """Allow TF32 for float32 CUDA matmuls inside the block (restored after)."""
 
@@ -131,12 +177,14 @@ class PreparedHessian:
         u: float32 [K, K] upper Cholesky factor of (H + damping)^-1.
         dead: bool [K] inputs that never fired (their weights are zeroed).
         damp: damping fraction used; retries: times it was raised.
+        diag: float32 [K] the diagonal of H (dead inputs 1): the per-feature importance.
     """
 
     u: torch.Tensor
     dead: torch.Tensor
     damp: float
     retries: int
+    diag: torch.Tensor | None = None
 
 
 def prepare_hessian(h: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
@@ -145,7 +193,7 @@ def prepare_hessian(h: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
     dead = torch.diag(h) == 0
     h.diagonal().masked_fill_(dead, 1.0)  # = h[dead, dead] = 1, without the boolean-index host sync
     u, damp, retries = inverse_cholesky(h, cfg.damp, cfg.damp_retries)
-    return PreparedHessian(u, dead, damp, retries)
+    return PreparedHessian(u, dead, damp, retries, torch.diag(h).clone())
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float, int]:
@@ -194,8 +242,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | PreparedHessian, cfg: GPTQC
     codes = torch.empty((n, k), dtype=torch.uint8, device=w.device)
     qweight = torch.empty_like(w)
     scales: list[torch.Tensor] = []
-    scale_t = row_scales(w).view(1, n) if cfg.group_size == -1 else None  # [1, N]
-    if scale_t is not None:
+    factors = search_factors(*cfg.search, device=w.device) if cfg.signed else None
+    scale_t = None
+    if cfg.group_size == -1:  # one scale per row, chosen up front
+        scale_t = row_scales(w) if factors is None else search_scales(w, factors, importance=prep.diag)
+        scale_t = scale_t.view(1, n)
         scales.append(scale_t.view(n, 1))
     diag = torch.diagonal(u).clone()  # [K]
     for b0 in range(0, k, cfg.blocksize):
@@ -209,8 +260,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | PreparedHessian, cfg: GPTQC
             col = b0 + i
             if cfg.group_size != -1 and col % g == 0:
                 gw = wt[i : i + g].T  # [N, g]
-                s = clip_search_scales(gw, u1[i : i + g, i : i + g], cfg.clip_grid, cfg.clip_max_shrink) \
-                    if cfg.clip else row_scales(gw)
+                if factors is not None:
+                    ub = u1[i : i + g, i : i + g]
+                    u_inv = torch.linalg.solve_triangular(ub, torch.eye(ub.shape[0], device=w.device), upper=True)
+                    s = search_scales(gw, factors, u_inv=u_inv)
+                elif cfg.clip:
+                    s = clip_search_scales(gw, u1[i : i + g, i : i + g], cfg.clip_grid, cfg.clip_max_shrink)
+                else:
+                    s = row_scales(gw)
                 scales.append(s)
                 scale_t = s.view(1, n)
             assert scale_t is not None
@@ -242,16 +299,51 @@ def rtn_quantize(w: torch.Tensor, group_size: int) -> QuantizedMatrix:
     return QuantizedMatrix(torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(qw, 1))
 
 
+def weighted_rtn_quantize(w: torch.Tensor, importance: torch.Tensor, cfg: GPTQConfig) -> QuantizedMatrix:
+    """The fast method: round to nearest on signed scales searched against an importance per input feature.
+
+    Each group's scale is :func:`gptq.quantizer.search_scales` with ``importance`` (the mean squared input of
+    each feature on the calibration data, i.e. the diagonal of the layer's Hessian up to a factor): the error
+    that matters is the output's, ``sum_j E[x_j^2] (w_j - q_j s)^2`` when inputs are uncorrelated. No error
+    feedback between columns, so no Hessian, no Cholesky, and every group of every row is searched at once.
+
+    Args:
+        w: [N, K] weights (any float dtype).
+        importance: float32 [K], non-negative (a feature that never fired weighs 0).
+        cfg: group size and search range (``cfg.search``); the other fields are GPTQ's.
+
+    Returns:
+        A :class:`QuantizedMatrix` (codes uint8 [N, K], scales float32 [N, G], weight float32 [N, K]).
+    """
+    n, k = w.shape
+    g = k if cfg.group_size == -1 else cfg.group_size
+    groups = -(-k // g)
+    pad = groups * g - k
+    w32 = torch.nn.functional.pad(w.to(torch.float32), (0, pad)).view(n * groups, g)  # zeros code exactly
+    imp = torch.nn.functional.pad(importance.to(torch.float32), (0, pad)).view(1, groups, g)
+    imp = imp.expand(n, groups, g).reshape(n * groups, g)
+    factors = search_factors(*cfg.search, device=w32.device)
+    s = search_scales(w32, factors, importance=imp)  # [N * G, 1]
+    q = torch.clamp(torch.round(w32 / s), -ZERO, MAXQ - ZERO)
+    qw = (q * s).view(n, groups * g)[:, :k]
+    codes = (q + ZERO).to(torch.uint8).view(n, groups * g)[:, :k].contiguous()
+    return QuantizedMatrix(codes, s.view(n, groups), qw.contiguous())
+
+
 def relative_output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
     """tr(dW H dW^T) / tr(W H W^T): the layer's output error relative to its output energy on calibration data."""
     return float(relative_output_error_tensor(w, wq, h))
 
 
 def relative_output_error_tensor(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """:func:`relative_output_error` as a 0-dim float32 tensor on the device (no host synchronisation)."""
+    """:func:`relative_output_error` as a 0-dim float32 tensor on the device (no host synchronisation). With
+    ``h`` float32 [K] (a diagonal: the importance E[x^2]) the ratio of ``sum(h * dW^2)`` to ``sum(h * W^2)``."""
     w = w.to(torch.float32)
     d = w - wq.to(torch.float32)
-    if h.is_cuda:  # a report, not a decision: TF32 (relative error ~1e-3 of a ratio) at tensor-core speed
+    if h.dim() == 1:
+        num = (d.square() * h).sum()
+        den = (w.square() * h).sum()
+    elif h.is_cuda:  # a report, not a decision: TF32 (relative error ~1e-3 of a ratio) at tensor-core speed
         with _tf32_matmul():
             num = ((d @ h) * d).sum()
             den = ((w @ h) * w).sum()
@@ -266,6 +358,7 @@ __all__ = [
     "CholeskyError",
     "GPTQConfig",
     "HessianAccumulator",
+    "ImportanceAccumulator",
     "PreparedHessian",
     "prepare_hessian",
     "QuantizedMatrix",
@@ -274,4 +367,5 @@ __all__ = [
     "relative_output_error",
     "relative_output_error_tensor",
     "rtn_quantize",
+    "weighted_rtn_quantize",
 ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptq import format as fmt
+from gptq.quantizer import DEFAULT_SEARCH
 from gptq.solver import DEFAULT_DAMP, GPTQConfig
 from marlin_cli.errors import MarlinError
 from marlin_cli.formats import FORMATS
@@ -22,6 +23,16 @@ from marlin_cli.runtime import resolve_device
 
 DEFAULT_GROUP_SIZE = 128
 """Input features per scale unless asked otherwise (the Marlin paper's and vLLM's default for 4-bit)."""
+
+METHODS = {
+    "fast": "signed scales searched against each input feature's mean squared activation, round to nearest: one "
+            "pass over the calibration data per layer, on the unquantized model's activations",
+    "best": "GPTQ with signed scales searched against GPTQ's own error metric, on the quantized model's "
+            "activations",
+    "gptq": "the original's GPTQ: unsigned scales with group grid clipping (Frantar et al., 2022; IST-DASLab's Marlin)",
+    "rtn": "round to nearest on the covering unsigned scale; reads no calibration data",
+}
+"""The quantization methods, by name (``--method``), with what each does. ``fast`` is the default."""
 
 CALIBRATION_DEFAULTS = {
     "builtin": ("pydocs", 64, 512),
@@ -41,7 +52,8 @@ class QuantSettings:
         symmetric: symmetric grid ``W = (q - 8) * s``; the only grid the kernel reads.
         damp: Hessian damping as a fraction of mean(diag H) (GPTQ's and Marlin's 0.1).
         clip: group grid clipping: each group's scale is shrunk by the factor p (of :attr:`clip_factors`)
-            that minimises the Hessian-weighted error.
+            that minimises the Hessian-weighted error (``gptq``); for ``fast`` and ``best``, False keeps the
+            signed search to the covering scales (no shrink factors below 1).
         clip_grid, clip_max_shrink: the clipping grid p = 1.00, 0.99, ... (``clip_grid`` steps per unit,
             down to ``1 - clip_max_shrink + 1 / clip_grid`` = 0.26).
         act_order: quantize columns in order of decreasing Hessian diagonal; reserved (must be False: the
@@ -55,7 +67,9 @@ class QuantSettings:
         device: where the layers run (``cpu``, ``cuda``, ``cuda:N``).
         true_sequential: quantize q/k/v, then o, then gate/up, then down, each on the quantized ones' outputs.
         skip_gq: keep k_proj/v_proj in fp16 for grouped-query-attention models.
-        nearest: round to nearest (RTN) instead of GPTQ; reads no calibration data.
+        method: one of :data:`METHODS`: ``fast`` (default), ``best``, ``gptq`` (the original's algorithm) or
+            ``rtn``.
+        nearest: shorthand for ``method="rtn"`` (``--nearest``); kept equal to ``method == "rtn"``.
         activation_budget_gb: GiB of calibration activations kept on the GPU; the rest live in pinned host
             memory and stream to the GPU batch by batch (same codes, see docs/scale.md). ``None``: half of
             the GPU memory free once the model's stem is loaded. No effect on the CPU, where everything
@@ -79,10 +93,15 @@ class QuantSettings:
     device: str = "cpu"
     true_sequential: bool = False
     skip_gq: bool = False
+    method: str = "fast"
     nearest: bool = False
     activation_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
+        if self.nearest and self.method in ("fast", "rtn"):  # --nearest is --method rtn
+            object.__setattr__(self, "method", "rtn")
+        elif self.method == "rtn":
+            object.__setattr__(self, "nearest", True)
         problems = self.problems()
         if problems:
             raise MarlinError("; ".join(problems))
@@ -90,6 +109,13 @@ class QuantSettings:
     def problems(self) -> list[str]:
         """Every invalid value, one sentence each naming the command-line option (empty when all is well)."""
         out = []
+        if self.method not in METHODS:
+            out.append(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        elif self.nearest and self.method != "rtn":
+            out.append(f"--nearest is --method rtn; it cannot be combined with --method {self.method}")
+        if self.true_sequential and self.method == "fast":
+            out.append("--true-sequential needs the quantized model's activations, which --method fast does not "
+                       "use; pick --method best or gptq, or drop --true-sequential")
         if self.bits != 4:
             out.append(f"--bits {self.bits}: the Marlin kernel reads 4-bit weights only")
         try:
@@ -124,11 +150,6 @@ class QuantSettings:
         return out
 
     @property
-    def method(self) -> str:
-        """``"rtn"`` (round to nearest) or ``"gptq"``."""
-        return "rtn" if self.nearest else "gptq"
-
-    @property
     def clip_factors(self) -> tuple[float, ...]:
         """The shrink factors p the clipping search tries: 1.00, 0.99, ..., 0.26 by default."""
         steps = int(self.clip_max_shrink * self.clip_grid)
@@ -151,8 +172,10 @@ class QuantSettings:
 
     def gptq_config(self) -> GPTQConfig:
         """The solver's own input: the part of these settings that quantizing one matrix needs."""
+        signed = self.method in ("fast", "best")
         return GPTQConfig(group_size=self.group_size, damp=self.damp, clip=self.clip, clip_grid=self.clip_grid,
-                          clip_max_shrink=self.clip_max_shrink)
+                          clip_max_shrink=self.clip_max_shrink, signed=signed,
+                          search=DEFAULT_SEARCH if self.clip else (1.0, 1))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (what the checkpoint's run record and ``quantization_config`` keep)."""

@@ -126,3 +126,112 @@ def test_row_scales_are_the_smallest_that_cover_the_row() -> None:
     # Round to nearest with these scales never loses more than half a step anywhere.
     q = torch.clamp(torch.round(w / s) + 8, 0, 15)
     assert ((q - 8) * s - w).abs().max() <= 0.5 * s.max() * (1 + 8 * tol)
+
+
+# ---------------------------------------------------------------- signed scales (issue 18)
+
+
+def _brute_force_signed(w: torch.Tensor, factors: list[float], metric: torch.Tensor) -> torch.Tensor:
+    """Per row, in float64: every signed candidate and its least-squares refit, error ``d M d^T``."""
+    out = torch.empty(w.shape[0], 1)
+    for r in range(w.shape[0]):
+        row = w[r].double()
+        a = row[row.abs().argmax()].item()
+        best = None
+        for p in factors:
+            for s in (-a * p / 8, a * p / 7):
+                s = float(torch.tensor(s).half().float()) or 1.0
+                tries = [s]
+                q = torch.clamp(torch.round(row / s), -8, 7)
+                den = q @ metric @ q
+                if den > 0:
+                    fit = float(torch.tensor((row @ metric @ q / den).item()).half().float())
+                    tries.append(fit if fit != 0 else s)
+                for st in tries:
+                    d = row - torch.clamp(torch.round(row / st), -8, 7) * st
+                    err = (d @ metric @ d).item()
+                    if best is None or err < best[0] * (1 - 1e-9):
+                        best = (err, st)
+        out[r, 0] = best[1]
+    return out
+
+
+@pytest.mark.parametrize("metric", ["importance", "u_inv"])
+def test_signed_search_equals_brute_force_float64(metric: str) -> None:
+    from gptq.quantizer import search_factors, search_scales
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 16, generator=gen) * (1 + 4 * (torch.rand(24, 16, generator=gen) > 0.9))
+    factors = search_factors(0.7, 16)
+    if metric == "importance":
+        d = torch.rand(16, generator=gen) + 0.1
+        got = search_scales(w, factors, importance=d)
+        m = torch.diag(d.double())
+    else:
+        a = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+        u = torch.linalg.cholesky(a @ a.T + 16 * torch.eye(16, dtype=torch.float64), upper=True)
+        u_inv = torch.linalg.inv(u)
+        got = search_scales(w, factors, u_inv=u_inv.float())
+        m = u_inv @ u_inv.T
+    want = _brute_force_signed(w, factors.tolist(), m)
+    # the same scale, or one whose error ties the best within float32 rounding of the metric
+    for r in range(w.shape[0]):
+        row = w[r].double()
+
+        def err(s: float, row: torch.Tensor = row) -> float:
+            d = row - torch.clamp(torch.round(row / s), -8, 7) * s
+            return (d @ m @ d).item()
+
+        assert err(got[r, 0].item()) <= err(want[r, 0].item()) * (1 + 1e-5) + 1e-12
+
+
+def test_signed_candidates_put_the_extreme_on_level_minus_8() -> None:
+    from gptq.quantizer import signed_scale_candidates
+
+    w = torch.tensor([[0.1, -0.3, 0.8, 0.2], [0.5, -0.9, 0.1, 0.0]])
+    s = signed_scale_candidates(w, torch.ones(1))  # [2, 2, 1]: (-a/8, a/7) per row
+    assert torch.equal(s[:, :, 0], torch.tensor([[-0.1, 0.1125], [0.8 / 7, -0.9 / 7]]).half().float())
+    q = torch.round(w / s[0])
+    assert q[0, 2] == -8 and q[1, 1] == -8  # the larger-magnitude side takes the 16th level, whatever its sign
+    assert torch.all(q.abs() <= 8)
+
+
+@pytest.mark.parametrize("g", [64, 128, -1])
+def test_weighted_rtn_codes_scales_and_weight_agree_and_beat_rtn(g: int) -> None:
+    from gptq.solver import weighted_rtn_quantize
+
+    w, h = _problem(k=320)  # 320: g128 leaves a partial last group
+    d = torch.diag(h)
+    q = weighted_rtn_quantize(w, d, GPTQConfig(group_size=g))
+    groups = 1 if g == -1 else -(-320 // g)
+    per = 320 if g == -1 else g
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == w.shape and q.scales.shape == (96, groups)
+    assert torch.equal(q.scales, q.scales.half().float())
+    assert torch.equal(q.weight, ((q.codes.float() - 8) * q.scales.repeat_interleave(per, 1)[:, :320]))
+    assert 0.3 < (q.scales < 0).float().mean() < 0.7  # both signs are used
+    err = (((w - q.weight) ** 2) * d).sum()
+    rtn = rtn_quantize(w, g)
+    assert err < 0.8 * (((w - rtn.weight) ** 2) * d).sum()  # lower importance-weighted error than plain RTN
+
+
+def test_importance_accumulator_matches_float64_formula() -> None:
+    from gptq.solver import ImportanceAccumulator
+
+    gen = torch.Generator().manual_seed(6)
+    chunks = [torch.randn(int(n), 24, generator=gen) for n in (7, 50, 3)]
+    acc = ImportanceAccumulator(24)
+    for c in chunks:
+        acc.add(c.unsqueeze(0))
+    x = torch.cat(chunks).double()
+    assert torch.allclose(acc.finalize().double(), (x * x).mean(0), rtol=1e-6)
+    assert acc.tokens == 60
+
+
+@pytest.mark.parametrize("g", [64, -1])
+def test_gptq_with_signed_scales_lowers_the_hessian_weighted_error(g: int) -> None:
+    w, h = _problem(seed=7)
+    signed = gptq_quantize(w, h, GPTQConfig(group_size=g, signed=True))
+    clipped = gptq_quantize(w, h, GPTQConfig(group_size=g, clip=True))
+    assert relative_output_error(w, signed.weight, h) < relative_output_error(w, clipped.weight, h)
+    assert torch.equal(signed.weight, (signed.codes.float() - 8) * signed.scales.repeat_interleave(
+        w.shape[1] if g == -1 else g, 1))

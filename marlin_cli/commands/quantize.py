@@ -11,7 +11,7 @@ from gptq.format import GROUP_SIZES as _SIZES
 from marlin_cli.formats import FORMATS
 from marlin_cli.pipeline.models import arch_spec
 from marlin_cli.pipeline.quantize import QuantizeJob, format_report, quantize
-from marlin_cli.settings import DEFAULTS, QuantSettings
+from marlin_cli.settings import DEFAULTS, METHODS, QuantSettings
 
 GROUP_SIZES = click.Choice([str(g) for g in _SIZES])
 """The kernel's group sizes (:data:`gptq.format.GROUP_SIZES`) as a click choice."""
@@ -34,8 +34,12 @@ GROUP_SIZES = click.Choice([str(g) for g in _SIZES])
               help="Input features per scale; -1 = one scale per output channel.")
 @click.option("--damp", type=float, default=DEFAULTS.damp, show_default=True,
               help="Hessian damping, fraction of mean(diag H).")
-@click.option("--no-clip", is_flag=True, help="Disable group grid clipping (each group's scale just covers its weights).")
-@click.option("--nearest", is_flag=True, help="Round-to-nearest baseline instead of GPTQ (reads no calibration data).")
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULTS.method, show_default=True,
+              help="fast: signed scales searched against the inputs' importance (one pass per layer); best: GPTQ "
+                   "with signed scales; gptq: the original's GPTQ; rtn: round to nearest (no calibration data).")
+@click.option("--no-clip", is_flag=True,
+              help="Disable clipping: each group's scale just covers its weights (no shrink factors).")
+@click.option("--nearest", is_flag=True, help="Same as --method rtn: the round-to-nearest baseline.")
 @click.option("--true-sequential", is_flag=True,
               help="Quantize q/k/v, then o, then gate/up, then down, each on the outputs of the quantized ones.")
 @click.option("--skip-gq", is_flag=True, help="Keep k_proj/v_proj in fp16 for grouped-query-attention models.")
@@ -51,12 +55,13 @@ GROUP_SIZES = click.Choice([str(g) for g in _SIZES])
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-layer table.")
 def quantize_command(model: str, out: Path, dataset: str | None, nsamples: int | None, seqlen: int | None,
-                     seed: int, holdout: int | None, group_size: str, damp: float, no_clip: bool, nearest: bool,
+                     seed: int, holdout: int | None, group_size: str, damp: float, method: str, no_clip: bool,
+                     nearest: bool,
                      true_sequential: bool, skip_gq: bool, format_: str, device: str,
                      activation_budget: float | None, resume: bool, force: bool, quiet: bool) -> None:
     """Quantize MODEL (a local Hugging Face folder, a hub id, or `smollm2-135m`) to a Marlin checkpoint."""
     settings = QuantSettings(dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, holdout=holdout,
-                             group_size=int(group_size), damp=damp, clip=not no_clip, nearest=nearest,
+                             group_size=int(group_size), damp=damp, method=method, clip=not no_clip, nearest=nearest,
                              true_sequential=true_sequential, skip_gq=skip_gq, format=format_, device=device,
                              activation_budget_gb=activation_budget)
     result = quantize(QuantizeJob(model=model, out=out, settings=settings, force=force, resume=resume),

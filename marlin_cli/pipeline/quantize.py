@@ -37,9 +37,15 @@ from marlin_cli.pipeline.resume import (
     replay_layer,
     settings_for_hash,
 )
-from marlin_cli.pipeline.sequential import LayerReport, LayerTiming, quantize_nearest, quantize_sequential
+from marlin_cli.pipeline.sequential import (
+    SOLVE_METHODS,
+    LayerReport,
+    LayerTiming,
+    quantize_nearest,
+    quantize_sequential,
+)
 from marlin_cli.pipeline.weights import WeightStore
-from marlin_cli.runtime import default_dtype, peak_rss_mb, versions
+from marlin_cli.runtime import peak_rss_mb, quantize_dtype, versions
 from marlin_cli.settings import QuantSettings
 
 
@@ -182,9 +188,9 @@ def quantize(job: QuantizeJob, progress: bool = True, keep_matrices: bool = Fals
                     result = quantize_sequential(
                         meta_model(config), store, spec, samples, settings.gptq_config(),
                         true_sequential=settings.true_sequential, skip=skip, device=device,
-                        dtype=default_dtype(device), on_layer=on_layer, on_layer_done=on_layer_done,
+                        dtype=quantize_dtype(device, settings.method), on_layer=on_layer, on_layer_done=on_layer_done,
                         keep_matrices=keep_matrices, activation_budget=_budget_bytes(settings, device),
-                        start_layer=done, replay=replay, world=world)
+                        start_layer=done, replay=replay, world=world, method=SOLVE_METHODS[settings.method])
             bar.close()
             quant_seconds = time.perf_counter() - start
             result.timings = [t for t in result.timings if t.replayed] + all_timings

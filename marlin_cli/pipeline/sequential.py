@@ -1,8 +1,17 @@
 """Layer-by-layer quantization of a decoder: each layer is loaded, quantized, handed on and released in turn.
 
 The inputs of decoder layer 0 are captured for every calibration sample; then for layer i: load its
-weights from the shards, accumulate each linear's Hessian from the layer's real inputs, quantize (GPTQ or
-round-to-nearest), recompute the layer's outputs with the quantized weights and feed them to layer i + 1.
+weights from the shards, accumulate each linear's statistic from the layer's real inputs, quantize, and hand
+the layer's outputs on to layer i + 1. A :class:`SolveMethod` says which statistic and which outputs:
+
+* ``propagate="quantized"`` (GPTQ's scheme): the statistics are gathered in a pass with the layer's original
+  weights over the inputs the *quantized* model gives, the layer is quantized, and a second pass recomputes its
+  outputs with the quantized weights;
+* ``propagate="float"``: the inputs are the unquantized model's, so one pass gathers the statistics and the
+  outputs together (half the forward work).
+
+The statistic is H = 2 X X^T / T for GPTQ, or the mean squared input per feature for the importance-weighted
+round to nearest (:func:`gptq.solver.weighted_rtn_quantize`).
 
 Memory, whatever the depth and the number of calibration tokens:
 
@@ -32,11 +41,13 @@ from gptq.solver import (
     CholeskyError,
     GPTQConfig,
     HessianAccumulator,
+    ImportanceAccumulator,
     QuantizedMatrix,
     gptq_quantize,
     prepare_hessian,
     relative_output_error_tensor,
     rtn_quantize,
+    weighted_rtn_quantize,
 )
 from marlin_cli.errors import MarlinError
 from marlin_cli.pipeline.activations import ActivationStore, CalibrationBatch
@@ -44,8 +55,43 @@ from marlin_cli.pipeline.distributed import World
 from marlin_cli.pipeline.models import ArchSpec, rebuild_rotary
 from marlin_cli.pipeline.weights import WeightStore
 
-__all__ = ["ActivationStore", "CalibrationBatch", "LayerReport", "LayerTiming", "SequentialResult",
-           "batch_samples", "grid_weight", "quantize_nearest", "quantize_sequential"]
+__all__ = ["GPTQ_METHOD", "SOLVE_METHODS", "ActivationStore", "CalibrationBatch", "LayerReport", "LayerTiming", "SequentialResult",
+           "SolveMethod", "batch_samples", "grid_weight", "quantize_nearest", "quantize_sequential"]
+
+
+@dataclass(frozen=True)
+class SolveMethod:
+    """How the groups of a decoder layer are quantized from calibration data.
+
+    Attributes:
+        statistic: ``"hessian"`` (H [K, K], solved by GPTQ, :func:`gptq.solver.gptq_quantize`) or
+            ``"importance"`` (E[x^2] [K], solved by :func:`gptq.solver.weighted_rtn_quantize`).
+        propagate: ``"quantized"`` (each layer sees the quantized model's inputs; two passes a layer) or
+            ``"float"`` (the unquantized model's; one pass a layer).
+    """
+
+    statistic: str = "hessian"
+    propagate: str = "quantized"
+
+    def __post_init__(self) -> None:
+        if self.statistic not in ("hessian", "importance") or self.propagate not in ("quantized", "float"):
+            raise ValueError(f"unknown solve method {self}")
+
+    def accumulator(self, k: int, device: str) -> HessianAccumulator | ImportanceAccumulator:
+        """A fresh accumulator of this method's statistic for K input features."""
+        return HessianAccumulator(k, device) if self.statistic == "hessian" else ImportanceAccumulator(k, device)
+
+
+GPTQ_METHOD = SolveMethod()
+"""GPTQ on the quantized model's inputs (the original's scheme)."""
+
+SOLVE_METHODS = {
+    "fast": SolveMethod("importance", "float"),
+    "best": GPTQ_METHOD,
+    "gptq": GPTQ_METHOD,
+}
+"""The statistic and propagation of each calibrated ``--method`` (:data:`marlin_cli.settings.METHODS`); the
+solver's own differences (signed scale search or clipping) are in :meth:`QuantSettings.gptq_config`."""
 
 
 @dataclass
@@ -163,24 +209,25 @@ def capture_layer0_inputs(
 
 
 @contextmanager
-def _hessian_hooks(
-    layer: nn.Module, groups: list[tuple[str, ...]], device: str, stop_after_last: bool
-) -> Iterator[tuple[list[HessianAccumulator], list[torch.Tensor]]]:
-    """One Hessian per group of linears that read the same input, fed by a pre-hook on the group's first linear.
+def _statistic_hooks(
+    layer: nn.Module, groups: list[tuple[str, ...]], device: str, stop_after_last: bool, method: SolveMethod
+) -> Iterator[tuple[list[HessianAccumulator | ImportanceAccumulator], list[torch.Tensor]]]:
+    """One statistic per group of linears that read the same input, fed by a pre-hook on the group's first linear.
 
     Only real tokens count (the hook reads the current batch's validity mask from the yielded one-element
     list; ``None`` there means the whole batch is real). With ``stop_after_last`` the last group's hook ends the forward once its input is recorded.
     """
-    accs: list[HessianAccumulator] = []
+    accs: list[HessianAccumulator | ImportanceAccumulator] = []
     current: list[torch.Tensor | None] = [None]
     handles = []
     for gi, group in enumerate(groups):
         lin = layer.get_submodule(group[0])
-        acc = HessianAccumulator(lin.in_features, device)
+        acc = method.accumulator(lin.in_features, device)
         accs.append(acc)
         stop = stop_after_last and gi == len(groups) - 1
 
-        def hook(_m: nn.Module, inp: tuple, acc: HessianAccumulator = acc, stop: bool = stop) -> None:
+        def hook(_m: nn.Module, inp: tuple, acc: HessianAccumulator | ImportanceAccumulator = acc,
+                 stop: bool = stop) -> None:
             x = inp[0].detach()
             acc.add(x if current[0] is None else x[current[0]])  # None: every token is real (no mask, no sync)
             if stop:
@@ -194,12 +241,17 @@ def _hessian_hooks(
             h.remove()
 
 
-def _hessian_pass(layer: nn.Module, acts: ActivationStore, current: list[torch.Tensor | None]) -> None:
-    """Run the layer on every batch for its hooks (outputs dropped); ``current`` gets each batch's mask."""
-    for _, batch in acts.iterate():
+def _statistic_pass(layer: nn.Module, acts: ActivationStore, current: list[torch.Tensor | None],
+                    keep_outputs: bool = False) -> None:
+    """Run the layer on every batch for its hooks; ``current`` gets each batch's mask. The outputs are dropped,
+    or with ``keep_outputs`` replace the inputs (they are the next layer's: the statistics pass is then also the
+    output pass)."""
+    for i, batch in acts.iterate():
         current[0] = None if batch.full else batch.valid
         with suppress(_StopForward):
-            layer(batch.hidden, **batch.kwargs)
+            out = layer(batch.hidden, **batch.kwargs)
+            if keep_outputs:
+                acts.replace_hidden(i, _layer_output(out))
 
 
 def _output_pass(layer: nn.Module, acts: ActivationStore) -> None:
@@ -231,6 +283,7 @@ def quantize_sequential(
     start_layer: int = 0,
     replay: Callable[[int], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
     world: World | None = None,
+    method: SolveMethod = GPTQ_METHOD,
 ) -> SequentialResult:
     """Quantize every decoder layer of a meta-device ``model`` whose weights live in ``store``.
 
@@ -239,8 +292,9 @@ def quantize_sequential(
         store: the source model's tensors.
         spec: architecture names (layers, rotary, sequential groups).
         samples: calibration token ids, each [1, L].
-        cfg: GPTQ settings (group size, damping, clipping).
-        true_sequential: quantize the groups of spec.sequential one after another within each layer.
+        cfg: solver settings (group size, damping, clipping, signed scale search).
+        true_sequential: quantize the groups of spec.sequential one after another within each layer (only with
+            ``method.propagate == "quantized"``: on the unquantized model's inputs there is nothing to wait for).
         skip: linear names within a layer to leave unquantized (e.g. k/v for --skip-gq).
         device: where layers run; dtype: their compute dtype (also the activations' dtype).
         on_layer: called after each decoder layer with (index, count, reports of that layer).
@@ -249,8 +303,10 @@ def quantize_sequential(
         keep_matrices: also keep every layer's matrices in the result (memory grows with depth; tests).
         activation_budget: bytes of calibration activations kept on ``device`` (None: all).
         start_layer: layers below it are already quantized (a resumed run): ``replay(i)`` gives their
-            {linear name: (codes uint8 [N, K], scales float32 [N, G])} and they are only run forward.
+            {linear name: (codes uint8 [N, K], scales float32 [N, G])} and they are only run forward (with the
+            original weights instead when ``method.propagate == "float"``).
         world: the processes quantizing together (:mod:`marlin_cli.pipeline.distributed`); default: one.
+        method: the statistic and the propagation (:class:`SolveMethod`; default GPTQ's).
 
     Returns:
         A :class:`SequentialResult` keyed by full linear names (e.g. ``model.layers.0.mlp.up_proj``).
@@ -275,6 +331,9 @@ def quantize_sequential(
     input_groups = [g for g in input_groups if g]
     # Passes over the calibration data per layer: one per input group with --true-sequential, else one.
     passes = [[g] for g in input_groups] if true_sequential else [input_groups]
+    floating = method.propagate == "float"
+    if floating and true_sequential:
+        raise ValueError("true_sequential needs the quantized model's inputs (propagate='quantized')")
     result = SequentialResult(spilled_batches=acts.spilled)
     for i, layer in enumerate(layers):
         prefix = f"{spec.layers}.{i}"
@@ -284,7 +343,7 @@ def quantize_sequential(
         t_load = time.perf_counter() - t_start
         if i < start_layer:
             assert replay is not None, "start_layer needs replay"
-            for name, (codes, scales) in replay(i).items():
+            for name, (codes, scales) in ({} if floating else replay(i)).items():
                 lin = layer.get_submodule(name)
                 lin.weight.data = grid_weight(codes.to(device), scales.to(device), lin.weight.dtype)
             with torch.no_grad():
@@ -299,11 +358,12 @@ def quantize_sequential(
         t_fwd = t_solve = 0.0
         with torch.no_grad():
             for groups in passes:
-                # The layer's last linear (down_proj) ends the pass: its own product is not needed.
+                # The layer's last linear (down_proj) ends the pass: its own product is not needed (unless the
+                # pass also gives the layer's outputs).
                 last = groups[-1] == input_groups[-1] and input_groups[-1][-1] == spec.sequential[-1][-1]
                 t0 = time.perf_counter()
-                with _hessian_hooks(layer, groups, device, stop_after_last=last) as (accs, current):
-                    _hessian_pass(layer, acts, current)
+                with _statistic_hooks(layer, groups, device, last and not floating, method) as (accs, current):
+                    _statistic_pass(layer, acts, current, keep_outputs=floating)
                 for acc in accs:
                     world.all_reduce_sum(acc.xtx)
                     if world.size > 1:
@@ -317,10 +377,11 @@ def quantize_sequential(
                     del acc.xtx
                 _sync(device)
                 t_solve += time.perf_counter() - t1
-            t0 = time.perf_counter()
-            _output_pass(layer, acts)
-            _sync(device)
-            t_fwd += time.perf_counter() - t0
+            if not floating:
+                t0 = time.perf_counter()
+                _output_pass(layer, acts)
+                _sync(device)
+                t_fwd += time.perf_counter() - t0
         rel = torch.stack([e[2] for e in errors]).tolist()  # one host read of the layer's errors
         layer_reports = [LayerReport(name, shape, r, damp, retries, secs)
                          for (name, shape, _, damp, retries, secs), r in zip(errors, rel, strict=True)]
@@ -338,12 +399,14 @@ def quantize_sequential(
     return result
 
 
-def _solve_group(layer: nn.Module, prefix: str, group: tuple[str, ...], acc: HessianAccumulator, cfg: GPTQConfig,
+def _solve_group(layer: nn.Module, prefix: str, group: tuple[str, ...],
+                 acc: HessianAccumulator | ImportanceAccumulator, cfg: GPTQConfig,
                  world: World, owner: int, out: dict[str, QuantizedMatrix],
                  errors: list[tuple[str, tuple[int, int], torch.Tensor, float, int, float]]) -> None:
-    """GPTQ for the linears of ``group`` (they read the same input, so share H): their weights stacked by
-    rows [sum N, K] and solved as one matrix by rank ``owner``, whose codes and scales every rank receives
-    and turns into the same quantized weights. Appends to ``out`` (CPU codes/scales) and ``errors``."""
+    """The linears of ``group`` (they read the same input, so share its statistic): their weights stacked by
+    rows [sum N, K] and solved as one matrix by rank ``owner`` (GPTQ from H, or the importance-weighted round to
+    nearest from E[x^2]), whose codes and scales every rank receives and turns into the same quantized weights.
+    Appends to ``out`` (CPU codes/scales) and ``errors``."""
     t0 = time.perf_counter()
     h = acc.finalize()
     lins = [layer.get_submodule(name) for name in group]
@@ -355,7 +418,10 @@ def _solve_group(layer: nn.Module, prefix: str, group: tuple[str, ...], acc: Hes
     codes = torch.empty((sum(rows), k), dtype=torch.uint8, device=dev)
     scales = torch.empty((sum(rows), ngroups), dtype=torch.float32, device=dev)
     info = torch.zeros(2, dtype=torch.float64, device=dev)  # damp, retries
-    if world.rank == owner:
+    if world.rank == owner and h.dim() == 1:
+        qm = weighted_rtn_quantize(torch.cat([lin.weight.data for lin in lins]), h, cfg)
+        codes, scales = qm.codes, qm.scales
+    elif world.rank == owner:
         try:
             prep = prepare_hessian(h, cfg)
         except CholeskyError as err:

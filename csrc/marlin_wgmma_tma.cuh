@@ -26,8 +26,9 @@
 //    fp32 accumulator set); bf16 keeps fp32 group sums apart from the running sum and folds them in with
 //    their fp32 scale at the end of each group, as the mma.sync kernels do (rounding the scaled weights to
 //    bf16 would cost ~2e-3 relative error).
-// Measured on an H100 (docs/kernel.md, round 6) against the cp.async-fed kernel it replaced: 12% faster on the
-// Llama-2-7B layers and 16-18% on 70B at m = 64-128 (fp16), 3-5% at m = 256-512, bit-identical outputs.
+// Measured on an H100 against the cp.async-fed kernel it replaced (docs/kernel.md): fp16 (round 6, A/B in one
+// run, bit-identical outputs) 12% faster on the Llama-2-7B layers and 16-18% on 70B at m = 64-128, 3-5% at
+// m = 256-512; bf16 (round 7, tables of two leases) 11-16% faster at m = 128-1024.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the type only; the maps are encoded on the host)

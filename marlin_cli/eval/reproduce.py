@@ -1,9 +1,10 @@
-"""``marlin reproduce``: the fp16 / RTN / GPTQ perplexity table of a config, with pass/fail checks.
+"""``marlin reproduce``: the perplexity table of a config (fp16 and one column per method), with pass/fail checks.
 
-For each model (row): evaluate the unquantized model on every dataset, quantize it twice with the
-same settings (round-to-nearest, then GPTQ), evaluate each saved checkpoint as a user would load it,
-and record the checkpoint sizes. Then write markdown + JSON and check that GPTQ beats RTN and stays
-within the config's ratio of fp16 on every dataset.
+For each model (row): evaluate the unquantized model on every dataset, quantize it once per method the config
+names (``methods``, e.g. rtn, gptq and the default fast) with the config's settings otherwise the same,
+evaluate each saved checkpoint as a user would load it, and record the checkpoint sizes and quantization
+times. Then write markdown + JSON and run the config's checks on every dataset: GPTQ beats RTN, the default
+method beats GPTQ, and each bounded method stays within its ratio of fp16.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from marlin_cli.data.corpora import dataset_protocol
 from marlin_cli.errors import MarlinError
 from marlin_cli.eval.ppl import measure
-from marlin_cli.eval.reproduce_config import VARIANTS, DatasetSpec, ReproduceConfig
+from marlin_cli.eval.reproduce_config import DEFAULT_METHOD, FP16, DatasetSpec, ReproduceConfig
 from marlin_cli.eval.reproduce_report import render_markdown
 from marlin_cli.loading import load_model
 from marlin_cli.pipeline.quantize import QuantizeJob, quantize
@@ -32,7 +33,7 @@ class ReproduceOptions:
     """How to run a config.
 
     Attributes:
-        out: folder for the checkpoints (``<out>/<model>/<variant>``), ``table.md`` and ``table.json``.
+        out: folder for the checkpoints (``<out>/<model>/<method>``), ``table.md`` and ``table.json``.
         device: ``cpu`` / ``cuda[:N]``; ``None``: CUDA when available.
         max_windows, max_docs: override every dataset's bound (0: no bound, all windows/documents).
         models: names of the config's models to run (empty: all).
@@ -48,7 +49,8 @@ class ReproduceOptions:
 
 
 class ReproductionFailed(MarlinError):
-    """The table was built, but a check failed (GPTQ not better than RTN, or too far from fp16)."""
+    """The table was built, but a check failed (GPTQ not better than RTN, the default not better than GPTQ, or
+    a method further from fp16 than its bound)."""
 
 
 def _log(message: str) -> None:
@@ -108,20 +110,21 @@ def _evaluate(
 
 
 def _quantize(
-    config: ReproduceConfig, model_path: str, out: Path, nearest: bool, device: str, progress: bool
+    config: ReproduceConfig, model_path: str, out: Path, method: str, device: str, progress: bool
 ) -> dict[str, Any]:
-    """Quantize with the config's settings (RTN when ``nearest``) into ``out``.
+    """Quantize with the config's settings and ``method`` (a name in ``marlin_cli.settings.METHODS``) into ``out``.
 
     Returns:
-        ``{"path", "size_mb", "quantize_seconds", "calibration"}`` of the written checkpoint.
+        ``{"method", "path", "size_mb", "quantize_seconds", "calibration"}`` of the written checkpoint.
     """
-    settings = replace(config.settings, nearest=nearest, device=device)
+    settings = config.method_settings(method, device)
     result = quantize(QuantizeJob(model=model_path, out=out, settings=settings, force=True), progress=progress)
     folder = Path(result.out_dir)
     record = result.record
     calibration = (f"{record['dataset']} {record['nsamples']} x <= {record['seqlen']} tokens, seed {record['seed']}"
                    if record["nsamples"] else "none (round to nearest reads no calibration data)")
     return {
+        "method": settings.method,
         "path": str(folder),
         "size_mb": checkpoint_megabytes(folder),
         "quantize_seconds": result.seconds,
@@ -137,58 +140,58 @@ def run_model(
     options: ReproduceOptions,
     log: Callable[[str], None] = _log,
 ) -> dict[str, Any]:
-    """One row: fp16, RTN and GPTQ perplexities on every dataset plus checkpoint sizes and timings."""
+    """One row: perplexities of fp16 and of each method's checkpoint on every dataset, plus sizes and timings.
+
+    ``row["variants"][column]`` for each of ``config.columns`` (``fp16``, then the methods).
+    """
     device = resolve_device(options.device)
     dtype = resolve_dtype(config.dtype, device)
     row: dict[str, Any] = {"name": model_name, "path": model_path, "variants": {}}
-    for variant in VARIANTS:
+    for column in config.columns:
         start = time.perf_counter()
         entry: dict[str, Any] = {}
-        if variant == "fp16":
+        if column == FP16:
             log(f"[{model_name}] fp16: evaluating {model_path}")
             target = model_path
         else:
-            folder = options.out / model_name / variant
-            log(f"[{model_name}] {variant}: quantizing to {folder}")
+            folder = options.out / model_name / column
+            log(f"[{model_name}] {column}: quantizing to {folder}")
             entry["checkpoint"] = _quantize(
-                config, model_path, folder, nearest=variant == "rtn", device=device, progress=options.progress
+                config, model_path, folder, method=column, device=device, progress=options.progress
             )
             target = entry["checkpoint"]["path"]
         entry.update(
             _evaluate(target, datasets, config.settings.seed, device, dtype, options.progress, log)
         )
         entry["seconds"] = time.perf_counter() - start
-        row["variants"][variant] = entry
+        row["variants"][column] = entry
     return row
 
 
 def check_rows(config: ReproduceConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every check of the config on every (model, dataset): ``{model, dataset, check, passed, detail}``."""
+    """Every check of the config on every (model, dataset): ``{model, dataset, check, passed, detail}``.
+
+    Per dataset, in this order: ``gptq < rtn``, ``<default> < gptq``, then ``<method> / fp16 <= <bound>`` for
+    each bounded method in the config's order.
+    """
+    checks = config.checks
     results = []
-    bound = config.checks.max_ppl_ratio
     for row in rows:
-        for ds in row["variants"]["fp16"]["datasets"]:
-            ppl = {v: row["variants"][v]["datasets"][ds]["ppl"] for v in VARIANTS}
-            if config.checks.gptq_beats_rtn:
-                results.append(
-                    {
-                        "model": row["name"],
-                        "dataset": ds,
-                        "check": "gptq < rtn",
-                        "passed": ppl["gptq"] < ppl["rtn"],
-                        "detail": f"GPTQ {ppl['gptq']:.3f} vs RTN {ppl['rtn']:.3f}",
-                    }
-                )
-            ratio = ppl["gptq"] / ppl["fp16"]
-            results.append(
-                {
-                    "model": row["name"],
-                    "dataset": ds,
-                    "check": f"gptq / fp16 <= {bound}",
-                    "passed": ratio <= bound,
-                    "detail": f"GPTQ {ppl['gptq']:.3f} / fp16 {ppl['fp16']:.3f} = {ratio:.3f}",
-                }
-            )
+        for ds in row["variants"][FP16]["datasets"]:
+            ppl = {c: row["variants"][c]["datasets"][ds]["ppl"] for c in config.columns}
+            found = []  # (check, passed, detail)
+            if checks.gptq_beats_rtn:
+                found.append(("gptq < rtn", ppl["gptq"] < ppl["rtn"], f"GPTQ {ppl['gptq']:.3f} vs RTN {ppl['rtn']:.3f}"))
+            if checks.default_beats_gptq:
+                d = DEFAULT_METHOD
+                found.append((f"{d} < gptq", ppl[d] < ppl["gptq"],
+                              f"{d} (the default) {ppl[d]:.3f} vs GPTQ {ppl['gptq']:.3f}"))
+            for method, bound in checks.max_ppl_ratio.items():
+                ratio = ppl[method] / ppl[FP16]
+                found.append((f"{method} / fp16 <= {bound}", ratio <= bound,
+                              f"{method} {ppl[method]:.3f} / fp16 {ppl[FP16]:.3f} = {ratio:.3f}"))
+            results += [{"model": row["name"], "dataset": ds, "check": check, "passed": passed, "detail": detail}
+                        for check, passed, detail in found]
     return results
 
 
@@ -221,7 +224,9 @@ def reproduce(config: ReproduceConfig, options: ReproduceOptions, log: Callable[
         "description": config.description,
         "reference_source": config.reference_source,
         "datasets": [vars(d) for d in datasets],
-        "settings": config.settings.to_dict(),
+        "methods": list(config.methods),
+        "default_method": DEFAULT_METHOD,
+        "settings": {k: v for k, v in config.settings.to_dict().items() if k not in ("method", "nearest")},
         "dtype": str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
         "device": device,
         "device_name": device_description(device),

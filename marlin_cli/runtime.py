@@ -45,10 +45,11 @@ def cpu_has_bf16_matmul() -> bool:
 
 def quantize_dtype(device: str, method: str) -> torch.dtype:
     """The dtype the decoder layers run in while quantizing with ``method``: :func:`default_dtype`, except the
-    ``fast`` method on a CPU with native bf16 products, which runs in bfloat16. Its statistic, the mean squared
-    input of each feature, moves by bf16's rounding (2^-9 relative), far below what changes a scale choice;
-    GPTQ's methods keep float32 (their Hessians feed a Cholesky solve, and the reproduction's figures)."""
-    if method == "fast" and not device.startswith("cuda") and cpu_has_bf16_matmul():
+    ``fast`` and ``best`` methods on a CPU with native bf16 products, which run in bfloat16. Their statistic,
+    the mean squared input of each feature, moves by bf16's rounding (2^-9 relative), far below what changes a
+    scale choice, and the block tuning's signed steps need only the gradient's sign; GPTQ's methods keep
+    float32 (their Hessians feed a Cholesky solve, and the reproduction's figures)."""
+    if method in ("fast", "best") and not device.startswith("cuda") and cpu_has_bf16_matmul():
         return torch.bfloat16
     return default_dtype(device)
 

@@ -112,6 +112,10 @@ class ActivationStore:
         return CalibrationBatch(_move(b.hidden, self.device), _move(b.kwargs, self.device),
                                 _move(b.valid, self.device), b.full, False)
 
+    def batch(self, index: int) -> CalibrationBatch:
+        """Batch ``index`` on the device (a host batch is copied; no prefetch)."""
+        return self._on_device(self.batches[index])
+
     def iterate(self) -> Iterator[tuple[int, CalibrationBatch]]:
         """(index, batch on the device) for every batch; a host batch's copy is started one batch ahead."""
         ahead: CalibrationBatch | None = None

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--methods", nargs="+", default=["gptq"], help="quantization methods to time (--method)")
     p.add_argument("--baseline-src", default=None, help="also time this source tree (an older checkout)")
     p.add_argument("--baseline-layers", type=int, default=None, help="layers for the baseline run (default --layers)")
     p.add_argument("--model-dir", type=Path, default=None, help="build the model here (kept); default: a temp folder")
@@ -136,15 +137,17 @@ def main(argv: list[str] | None = None) -> None:
                                 builtin_model_dir(), device="cuda" if args.device.startswith("cuda") else "cpu")
         print(f"built {args.synthetic} x {args.layers} layers in {time.perf_counter() - t0:.1f} s", flush=True)
         name = f"{args.synthetic} {args.nsamples}x{args.seqlen}"
-        rows.append(measure(model, settings, args.layers, depth, label=f"{name} (this tree)"))
-        print(table(rows), flush=True)
+        for method in args.methods:
+            rows.append(measure(model, {**settings, "method": method}, args.layers, depth,
+                                label=f"{name} {method} (this tree)"))
+            print(table(rows), flush=True)
         if args.baseline_src:
             n = args.baseline_layers or args.layers
             if n != args.layers:
                 shutil.rmtree(model) if args.model_dir is None else None
                 model = build_synthetic(Path(tmp) / "model_b", args.synthetic, n, builtin_model_dir(),
                                         device="cuda" if args.device.startswith("cuda") else "cpu")
-            rows.append(measure(model, settings, n, depth, args.baseline_src, label=f"{name} (baseline)"))
+            rows.append(measure(model, settings, n, depth, args.baseline_src, label=f"{name} gptq (baseline)"))
     print(table(rows), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

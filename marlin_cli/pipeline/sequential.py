@@ -49,6 +49,7 @@ from gptq.solver import (
     rtn_quantize,
     weighted_rtn_quantize,
 )
+from gptq.tune import BlockTuner, TuneConfig
 from marlin_cli.errors import MarlinError
 from marlin_cli.pipeline.activations import ActivationStore, CalibrationBatch
 from marlin_cli.pipeline.distributed import World
@@ -68,14 +69,21 @@ class SolveMethod:
             ``"importance"`` (E[x^2] [K], solved by :func:`gptq.solver.weighted_rtn_quantize`).
         propagate: ``"quantized"`` (each layer sees the quantized model's inputs; two passes a layer) or
             ``"float"`` (the unquantized model's; one pass a layer).
+        tune: then tune each block's rounding and scales (:mod:`gptq.tune`) on the quantized model's inputs
+            against the unquantized model's outputs: the quantized model's activations are carried as a
+            second stream (twice the activation memory), and each layer costs the statistics pass, the
+            tuning steps and an output pass of the quantized layer.
     """
 
     statistic: str = "hessian"
     propagate: str = "quantized"
+    tune: TuneConfig | None = None
 
     def __post_init__(self) -> None:
         if self.statistic not in ("hessian", "importance") or self.propagate not in ("quantized", "float"):
             raise ValueError(f"unknown solve method {self}")
+        if self.tune is not None and (self.statistic, self.propagate) != ("importance", "float"):
+            raise ValueError("block tuning starts from the importance-weighted solution on the unquantized inputs")
 
     def accumulator(self, k: int, device: str) -> HessianAccumulator | ImportanceAccumulator:
         """A fresh accumulator of this method's statistic for K input features."""
@@ -87,7 +95,7 @@ GPTQ_METHOD = SolveMethod()
 
 SOLVE_METHODS = {
     "fast": SolveMethod("importance", "float"),
-    "best": GPTQ_METHOD,
+    "best": SolveMethod("importance", "float", TuneConfig()),
     "gptq": GPTQ_METHOD,
 }
 """The statistic and propagation of each calibrated ``--method`` (:data:`marlin_cli.settings.METHODS`); the
@@ -321,9 +329,16 @@ def quantize_sequential(
     all_batches = batch_samples(samples)
     mine = [b for j, b in enumerate(all_batches) if world.owns(j)]  # batch j goes to rank j mod W
     total_tokens = int(sum(s.numel() for s in samples))
-    acts = ActivationStore(device, activation_budget)
+    tuning = method.tune is not None
+    if tuning and world.size > 1:
+        raise MarlinError("--method best runs in one process (its block tuning is not distributed); run it "
+                          "without torchrun, or use --method fast or gptq with several GPUs")
+    half = activation_budget // 2 if tuning and activation_budget is not None else activation_budget
+    acts = ActivationStore(device, half)
     with torch.no_grad():
         capture_layer0_inputs(model, layers, mine, device, acts)
+    # With tuning, ``acts`` is the unquantized model's stream and ``quantized`` the quantized model's.
+    quantized = _copy_store(acts, device, half) if tuning else None
     for prefix in stem:  # the stem is not needed again: free its device memory
         if prefix:
             model.get_submodule(prefix).to("meta")
@@ -343,11 +358,14 @@ def quantize_sequential(
         t_load = time.perf_counter() - t_start
         if i < start_layer:
             assert replay is not None, "start_layer needs replay"
-            for name, (codes, scales) in ({} if floating else replay(i)).items():
-                lin = layer.get_submodule(name)
-                lin.weight.data = grid_weight(codes.to(device), scales.to(device), lin.weight.dtype)
             with torch.no_grad():
-                _output_pass(layer, acts)
+                if floating:
+                    _output_pass(layer, acts)
+                for name, (codes, scales) in ({} if floating and not tuning else replay(i)).items():
+                    lin = layer.get_submodule(name)
+                    lin.weight.data = grid_weight(codes.to(device), scales.to(device), lin.weight.dtype)
+                if not floating or tuning:
+                    _output_pass(layer, quantized if tuning else acts)
             _sync(device)
             layers[i] = layer.to("meta")
             total = time.perf_counter() - t_start
@@ -356,6 +374,7 @@ def quantize_sequential(
         layer_matrices: dict[str, QuantizedMatrix] = {}
         errors: list[tuple[str, tuple[int, int], torch.Tensor, float, int, float]] = []
         t_fwd = t_solve = 0.0
+        originals = {n: layer.get_submodule(n).weight.data for g in input_groups for n in g} if tuning else {}
         with torch.no_grad():
             for groups in passes:
                 # The layer's last linear (down_proj) ends the pass: its own product is not needed (unless the
@@ -377,9 +396,16 @@ def quantize_sequential(
                     del acc.xtx
                 _sync(device)
                 t_solve += time.perf_counter() - t1
-            if not floating:
+        if tuning:
+            assert quantized is not None and method.tune is not None
+            t0 = time.perf_counter()
+            _tune_layer(layer, prefix, originals, layer_matrices, quantized, acts, method.tune, dtype, i)
+            _sync(device)
+            t_solve += time.perf_counter() - t0
+        with torch.no_grad():
+            if not floating or tuning:
                 t0 = time.perf_counter()
-                _output_pass(layer, acts)
+                _output_pass(layer, quantized if tuning else acts)
                 _sync(device)
                 t_fwd += time.perf_counter() - t0
         rel = torch.stack([e[2] for e in errors]).tolist()  # one host read of the layer's errors
@@ -397,6 +423,56 @@ def quantize_sequential(
         if on_layer is not None:
             on_layer(i, len(layers), layer_reports)
     return result
+
+
+def _copy_store(acts: ActivationStore, device: str, budget: int | None) -> ActivationStore:
+    """A second activation stream holding copies of ``acts``' batches (same kwargs and masks)."""
+    other = ActivationStore(device, budget)
+    for _, b in acts.iterate():
+        other.append(b.hidden.clone(), b.kwargs, b.valid, b.full)
+    return other
+
+
+def _rows(value: object, rows: torch.Tensor, batch: int) -> object:
+    """``value`` (a tensor or nested tuple/list/dict) with the batch dimension (size ``batch``) cut to ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() > 0 and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def _tune_layer(layer: nn.Module, prefix: str, originals: dict[str, torch.Tensor],
+                matrices: dict[str, QuantizedMatrix], quantized: ActivationStore, targets: ActivationStore,
+                cfg: TuneConfig, dtype: torch.dtype, seed: int) -> None:
+    """Tune the layer's quantized linears (:class:`gptq.tune.BlockTuner`) on samples drawn from the quantized
+    stream, against the unquantized stream's outputs (``targets`` already holds this layer's outputs); the
+    tuned codes and scales replace the entries of ``matrices`` and the layer's weights."""
+    names = list(originals)
+    start = {n: matrices[f"{prefix}.{n}"].scales.to(originals[n].device) for n in names}
+    for n in names:  # the tuner reads the original weights
+        layer.get_submodule(n).weight.data = originals[n]
+    tuner = BlockTuner(layer, start, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    batches = list(range(len(quantized)))
+    for _ in range(cfg.steps):
+        j = batches[int(torch.randint(len(batches), (1,), generator=gen))]
+        qb, tb = quantized.batch(j), targets.batch(j)
+        size = qb.hidden.shape[0]
+        rows = torch.randperm(size, generator=gen)[: cfg.samples].to(qb.hidden.device)
+        valid = None if qb.full else qb.valid[rows]
+        with torch.enable_grad():  # the layer loop runs under no_grad
+            tuner.step([tuner.loss(qb.hidden[rows], _rows(qb.kwargs, rows, size), tb.hidden[rows], valid, dtype)])
+    for n, (codes, scales) in tuner.result().items():
+        lin = layer.get_submodule(n)
+        lin.weight.data = grid_weight(codes, scales, originals[n].dtype)
+        old = matrices[f"{prefix}.{n}"]
+        pin = codes.is_cuda
+        c_cpu = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=pin).copy_(codes, non_blocking=pin)
+        s_cpu = torch.empty(scales.shape, dtype=scales.dtype, pin_memory=pin).copy_(scales, non_blocking=pin)
+        matrices[f"{prefix}.{n}"] = QuantizedMatrix(c_cpu, s_cpu, torch.empty(0), old.damp, old.retries)
 
 
 def _solve_group(layer: nn.Module, prefix: str, group: tuple[str, ...],

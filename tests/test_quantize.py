@@ -84,9 +84,9 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def gptq_run(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> QuantizeResult:
-    """GPTQ with group grid clipping, g64, on the built-in model (kept codes and scales for the checks)."""
+    """GPTQ (``method="gptq"``: the default is fast now) with group grid clipping, g64, on the built-in model (kept codes and scales for the checks)."""
     out = tmp_path_factory.mktemp("gptq") / "clip"
-    settings = QuantSettings(group_size=GROUP, format="marlin", **CALIB)
+    settings = QuantSettings(group_size=GROUP, format="marlin", method="gptq", **CALIB)
     return quantize(QuantizeJob(model=str(builtin_model_dir), out=out, settings=settings), progress=False,
                     keep_matrices=True)
 
@@ -95,7 +95,8 @@ def gptq_run(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def gptq_noclip_dir(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gptq") / "noclip"
     return quantize(QuantizeJob(model=str(builtin_model_dir), out=out,
-                                settings=QuantSettings(group_size=GROUP, clip=False, format="marlin", **CALIB)),
+                                settings=QuantSettings(group_size=GROUP, clip=False, format="marlin", method="gptq",
+                                                      **CALIB)),
                     progress=False).out_dir
 
 
@@ -376,7 +377,7 @@ def test_failed_cholesky_retries_with_more_damping_then_names_the_layer(
         return chol, info
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", first_attempt_fails)
-    code, output = run_cli("quantize", small, "--out", tmp_path / "retried", "--group-size", GROUP,
+    code, output = run_cli("quantize", small, "--out", tmp_path / "retried", "--method", "gptq", "--group-size", GROUP,
                            "--nsamples", 4, "--seqlen", 64, "--dataset", "pydocs")
     assert code == 0, output
     assert "model.layers.0.self_attn.q_proj: the Hessian was not positive definite with damping 0.1; retried 1x" \
@@ -386,7 +387,7 @@ def test_failed_cholesky_retries_with_more_damping_then_names_the_layer(
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex",
                         lambda a, *args, upper=False, **kw: (a, torch.ones((), dtype=torch.int32)))
-    code, output = run_cli("quantize", small, "--out", tmp_path / "failed", "--group-size", GROUP,
+    code, output = run_cli("quantize", small, "--out", tmp_path / "failed", "--method", "gptq", "--group-size", GROUP,
                            "--nsamples", 4, "--seqlen", 64, "--dataset", "pydocs", "--quiet")
     assert code == 2 and "model.layers.0.self_attn.q_proj" in output and "--damp" in output, output
     assert "Traceback" not in output and not (tmp_path / "failed").exists() and leftovers(tmp_path) == []

@@ -45,8 +45,8 @@ class TuneConfig:
         scale_range: (lowest, highest) multiplier A of a group's starting scale.
     """
 
-    steps: int = 24
-    samples: int = 4
+    steps: int = 12
+    samples: int = 8
     lr: float = 0.04
     lr_scale: float = 0.01
     scale_range: tuple[float, float] = (0.8, 1.2)

@@ -66,13 +66,17 @@ class BlockTuner:
         block: the decoder block, holding the original weights (they are not modified).
         start: {linear name within the block: scales float32 [N, G] of the starting solution}.
         cfg: :class:`TuneConfig`.
+        weights: {name: W [N, K]} to quantize, where the block's own are a narrower copy (default: the block's).
     """
 
-    def __init__(self, block: nn.Module, start: dict[str, torch.Tensor], cfg: TuneConfig) -> None:
+    def __init__(self, block: nn.Module, start: dict[str, torch.Tensor], cfg: TuneConfig,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
         self.block = block
         self.cfg = cfg
         self.names = list(start)
-        self.weights = {n: block.get_submodule(n).weight.detach().to(torch.float32) for n in self.names}
+        weights = weights or {}
+        self.weights = {n: (weights[n] if n in weights else block.get_submodule(n).weight).detach().to(torch.float32)
+                        for n in self.names}
         self.scales = {n: s.to(torch.float32) for n, s in start.items()}
         self.v = {n: torch.zeros_like(self.weights[n], requires_grad=True) for n in self.names}
         self.a = {n: torch.ones_like(self.scales[n], requires_grad=True) for n in self.names}

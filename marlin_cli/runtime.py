@@ -47,7 +47,8 @@ def quantize_dtype(device: str, method: str) -> torch.dtype:
     """The dtype the decoder layers run in while quantizing with ``method``: :func:`default_dtype`, except the
     ``fast`` and ``best`` methods on a CPU with native bf16 products, which run in bfloat16. Their statistic,
     the mean squared input of each feature, moves by bf16's rounding (2^-9 relative), far below what changes a
-    scale choice, and the block tuning's signed steps need only the gradient's sign; GPTQ's methods keep
+    scale choice, and the block tuning's signed steps need only the gradient's sign (the solver still reads the
+    weights as stored, not their bf16 copies: :func:`marlin_cli.pipeline.sequential.quantize_sequential`); GPTQ's methods keep
     float32 (their Hessians feed a Cholesky solve, and the reproduction's figures)."""
     if method in ("fast", "best") and not device.startswith("cuda") and cpu_has_bf16_matmul():
         return torch.bfloat16

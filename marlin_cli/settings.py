@@ -27,8 +27,8 @@ DEFAULT_GROUP_SIZE = 128
 METHODS = {
     "fast": "signed scales searched against each input feature's mean squared activation, round to nearest: one "
             "pass over the calibration data per layer, on the unquantized model's activations",
-    "best": "GPTQ with signed scales searched against GPTQ's own error metric, on the quantized model's "
-            "activations",
+    "best": "fast, then 12 signed-gradient steps per decoder layer (SignRound) on its rounding and scales against "
+            "the unquantized layer's outputs, on the quantized model's activations",
     "gptq": "the original's GPTQ: unsigned scales with group grid clipping (Frantar et al., 2022; IST-DASLab's Marlin)",
     "rtn": "round to nearest on the covering unsigned scale; reads no calibration data",
 }

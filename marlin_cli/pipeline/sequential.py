@@ -374,7 +374,13 @@ def quantize_sequential(
         layer_matrices: dict[str, QuantizedMatrix] = {}
         errors: list[tuple[str, tuple[int, int], torch.Tensor, float, int, float]] = []
         t_fwd = t_solve = 0.0
-        originals = {n: layer.get_submodule(n).weight.data for g in input_groups for n in g} if tuning else {}
+        # The solver reads the weights as stored: a layer run in bfloat16 (fast/best on a bf16 CPU) would
+        # otherwise hand it fp16 weights rounded to bf16's 8-bit mantissa.
+        linears = [n for g in input_groups for n in g]
+        if dtype == torch.bfloat16:
+            originals = {n: store.get(f"{prefix}.{n}.weight").to(device) for n in linears}
+        else:
+            originals = {n: layer.get_submodule(n).weight.data for n in linears} if tuning else {}
         with torch.no_grad():
             for groups in passes:
                 # The layer's last linear (down_proj) ends the pass: its own product is not needed (unless the
@@ -392,7 +398,7 @@ def quantize_sequential(
                 t_fwd += t1 - t0
                 for group, acc in zip(groups, accs, strict=True):
                     owner = input_groups.index(group) % world.size
-                    _solve_group(layer, prefix, group, acc, cfg, world, owner, layer_matrices, errors)
+                    _solve_group(layer, prefix, group, acc, cfg, world, owner, layer_matrices, errors, originals)
                     del acc.xtx
                 _sync(device)
                 t_solve += time.perf_counter() - t1
@@ -452,9 +458,9 @@ def _tune_layer(layer: nn.Module, prefix: str, originals: dict[str, torch.Tensor
     tuned codes and scales replace the entries of ``matrices`` and the layer's weights."""
     names = list(originals)
     start = {n: matrices[f"{prefix}.{n}"].scales.to(originals[n].device) for n in names}
-    for n in names:  # the tuner reads the original weights
-        layer.get_submodule(n).weight.data = originals[n]
-    tuner = BlockTuner(layer, start, cfg)
+    for n in names:  # the tuner reads the original weights (in the layer's dtype, where they are wider)
+        layer.get_submodule(n).weight.data = originals[n].to(dtype)
+    tuner = BlockTuner(layer, start, cfg, weights=originals)
     gen = torch.Generator().manual_seed(seed)
     batches = list(range(len(quantized)))
     for _ in range(cfg.steps):
@@ -467,7 +473,7 @@ def _tune_layer(layer: nn.Module, prefix: str, originals: dict[str, torch.Tensor
             tuner.step([tuner.loss(qb.hidden[rows], _rows(qb.kwargs, rows, size), tb.hidden[rows], valid, dtype)])
     for n, (codes, scales) in tuner.result().items():
         lin = layer.get_submodule(n)
-        lin.weight.data = grid_weight(codes, scales, originals[n].dtype)
+        lin.weight.data = grid_weight(codes, scales, dtype)
         old = matrices[f"{prefix}.{n}"]
         pin = codes.is_cuda
         c_cpu = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=pin).copy_(codes, non_blocking=pin)
@@ -478,14 +484,17 @@ def _tune_layer(layer: nn.Module, prefix: str, originals: dict[str, torch.Tensor
 def _solve_group(layer: nn.Module, prefix: str, group: tuple[str, ...],
                  acc: HessianAccumulator | ImportanceAccumulator, cfg: GPTQConfig,
                  world: World, owner: int, out: dict[str, QuantizedMatrix],
-                 errors: list[tuple[str, tuple[int, int], torch.Tensor, float, int, float]]) -> None:
+                 errors: list[tuple[str, tuple[int, int], torch.Tensor, float, int, float]],
+                 originals: dict[str, torch.Tensor] | None = None) -> None:
     """The linears of ``group`` (they read the same input, so share its statistic): their weights stacked by
     rows [sum N, K] and solved as one matrix by rank ``owner`` (GPTQ from H, or the importance-weighted round to
     nearest from E[x^2]), whose codes and scales every rank receives and turns into the same quantized weights.
-    Appends to ``out`` (CPU codes/scales) and ``errors``."""
+    Appends to ``out`` (CPU codes/scales) and ``errors``. ``originals``: the weights as stored, by linear name,
+    where the layer runs in a narrower dtype (else the layer's own weights are read)."""
     t0 = time.perf_counter()
     h = acc.finalize()
     lins = [layer.get_submodule(name) for name in group]
+    weights = [(originals or {}).get(name, lin.weight.data) for name, lin in zip(group, lins, strict=True)]
     rows = [lin.out_features for lin in lins]
     k = lins[0].in_features
     g = k if cfg.group_size == -1 else cfg.group_size
@@ -495,14 +504,14 @@ def _solve_group(layer: nn.Module, prefix: str, group: tuple[str, ...],
     scales = torch.empty((sum(rows), ngroups), dtype=torch.float32, device=dev)
     info = torch.zeros(2, dtype=torch.float64, device=dev)  # damp, retries
     if world.rank == owner and h.dim() == 1:
-        qm = weighted_rtn_quantize(torch.cat([lin.weight.data for lin in lins]), h, cfg)
+        qm = weighted_rtn_quantize(torch.cat(weights), h, cfg)
         codes, scales = qm.codes, qm.scales
     elif world.rank == owner:
         try:
             prep = prepare_hessian(h, cfg)
         except CholeskyError as err:
             raise MarlinError(f"{prefix}.{group[0]} (and the linears sharing its input): {err}") from err
-        qm = gptq_quantize(torch.cat([lin.weight.data for lin in lins]), prep, cfg)
+        qm = gptq_quantize(torch.cat(weights), prep, cfg)
         codes, scales = qm.codes, qm.scales
         info = torch.tensor([qm.damp, qm.retries], dtype=torch.float64, device=dev)
     world.broadcast(codes, owner)
@@ -512,8 +521,8 @@ def _solve_group(layer: nn.Module, prefix: str, group: tuple[str, ...],
     seconds = (time.perf_counter() - t0) / len(group)
     pin = codes.is_cuda
     for name, lin, c, s in zip(group, lins, codes.split(rows), scales.split(rows), strict=True):
-        w = lin.weight.data
-        lin.weight.data = grid_weight(c, s, w.dtype)
+        w = (originals or {}).get(name, lin.weight.data)
+        lin.weight.data = grid_weight(c, s, lin.weight.dtype)
         errors.append((f"{prefix}.{name}", (lin.out_features, lin.in_features),
                        relative_output_error_tensor(w, lin.weight.data, h), float(damp), int(retries), seconds))
         # pinned copies complete by the layer's closing synchronisation, before anyone reads them

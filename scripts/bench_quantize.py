@@ -4,7 +4,7 @@ Baseline: the original Marlin GPTQ (the gptq/ code of github.com/IST-DASLab/marl
 with the same calibration budget (64 Python-doc documents x 512 tokens, g64, damping 0.1): 268 s with group grid
 clipping, 173 s without (the measurement README.md's "Quantization speed and memory" table compares against).
 
-    python scripts/bench_quantize.py [--no-clip] [--group-size 64] [--json out.json]
+    python scripts/bench_quantize.py [--no-clip] [--group-size 64] [--method gptq|fast|best] [--json out.json]
 
 With ``--synthetic llama2-7b|llama2-70b`` it benchmarks a random-weight model of real dimensions instead
 (s/layer, peak GPU memory by torch and nvidia-smi, peak RSS, the whole model's time extrapolated; see
@@ -41,13 +41,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--no-clip", action="store_true")
+    parser.add_argument("--method", default="gptq", choices=["gptq", "fast", "best"],
+                        help="default gptq: the like-for-like comparison with the original's GPTQ")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     clip = not args.no_clip
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = quantize(QuantizeJob(model="smollm2-135m", out=Path(tmp) / "ckpt",
-                                   settings=QuantSettings(group_size=args.group_size, clip=clip)), progress=True)
+                                   settings=QuantSettings(group_size=args.group_size, clip=clip, method=args.method)),
+                       progress=True)
         wall = time.perf_counter() - t0
     per_layer: dict[str, float] = defaultdict(float)
     for r in res.reports:

@@ -14,8 +14,8 @@ on calibration samples: X_q are the block's inputs in the quantized model (the b
 quantized), X_fp the unquantized model's, so the block also learns to undo the error it receives. The step
 decays linearly to zero. Started here from the importance-weighted signed solution
 (:func:`gptq.solver.weighted_rtn_quantize`), not from plain round to nearest, so a few dozen steps do what the
-paper does in hundreds; V = 0 and A = 1 reproduce the start exactly, and the tuned solution is kept only where
-it lowers the block's error on the samples it was measured on (:meth:`BlockTuner.result`).
+paper does in hundreds; V = 0 and A = 1 reproduce the start exactly. The tuned solution is always kept (no
+check against the start on held-back samples).
 
 The signed scales of the start may be negative; A multiplies them, so the sign never changes.
 This module has no I/O and no dependency on transformers or the CLI: ``block`` is any module whose forward

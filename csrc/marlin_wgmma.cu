@@ -2,16 +2,15 @@
 // with warpgroup MMAs (wgmma) fed by a TMA producer warpgroup (wgmma_tma_kernel, marlin_wgmma_tma.cuh, which
 // says how it works), fp32 accumulation, for the batches where mma.sync cannot keep the tensor cores busy.
 //
-// Launch configurations, chosen by pick() (one block per SM; STAGES 64-row k tiles deep, STAGES - 1 in flight):
-//  - fp16, MT = 16..128 rows: four consumer warpgroups (256 columns per block, so each activation tile feeds
-//    twice the weights; two warpgroups with 2-3 blocks per SM measured 5-31% slower in the per-model sums of
-//    the cp.async-fed kernel before it), 112 registers each, 8 stages; the group scales applied to the
-//    dequantized weights in fp16 (one fp32 accumulator set: ~2e-4 relative error, like the mma.sync kernel's
-//    4-row-block variant).
-//  - fp16, m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two consumer warpgroups
-//    (232 registers), 6 stages (37 KB each): 2-11% faster than MT = 128 at m = 256 and 512 (H200).
-//  - bf16: fp32 group sums folded in with fp32 scales (two accumulator sets); MT = 16..64 with four consumer
-//    warpgroups, MT = 128 (m > 64) with two (2 x 64 accumulators need the 232 registers of two); 8 stages.
+// Launch configurations, chosen by pick() (one block per SM; STAGES 64-row k tiles deep, STAGES - 1 in flight),
+// the same for both dtypes (one fp32 accumulator set each: fp16 applies the group scales to the dequantized
+// weights in fp16, ~2e-4 relative error like the mma.sync kernel's 4-row-block variant; bf16 rescales its
+// fp32 sums where a group ends):
+//  - MT = 16..128 rows: four consumer warpgroups (256 columns per block, so each activation tile feeds twice
+//    the weights; two warpgroups with 2-3 blocks per SM measured 5-31% slower in the per-model sums of the
+//    cp.async-fed kernel before it), 112 registers each, 8 stages.
+//  - m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two consumer warpgroups (232
+//    registers), 6 stages (37 KB each): 2-11% faster than MT = 128 at m = 256 and 512 (fp16, H200).
 // The tensor maps are encoded on the host for each call (in a CUDA graph, once at capture); they need A, the
 // codes and the scales 16-byte aligned and lda % 8 == 0, which marlin_gemm checks of every call.
 #include "marlin_kernel.h"
@@ -69,12 +68,11 @@ __global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid
 }
 
 // The configuration a call with m rows of dtype runs: rows per block and consumer warpgroups (64-column strips)
-// per block. The smallest of 16, 32, 64, 128 rows that covers m with four warpgroups; above 128 rows, fp16 takes
-// 256 rows with two; bf16 takes 128 rows with two from 65 rows on.
-void pick(int m, int dtype, int& mt, int& wg) {
-  const bool fp16 = dtype == MARLIN_FP16;
-  mt = m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : fp16 && m > 128 ? 256 : 128;
-  wg = mt <= (fp16 ? 128 : 64) ? 4 : 2;
+// per block, for either dtype. The smallest of 16, 32, 64, 128 rows that covers m with four warpgroups; above
+// 128 rows, 256 rows with two.
+void pick(int m, int /*dtype*/, int& mt, int& wg) {
+  mt = m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256;
+  wg = mt <= 128 ? 4 : 2;
 }
 
 Plan plan_for(int m, int n, int k, int mt, int wg, int sms) { return wgmma_plan(m, n, k, mt, wg, sms); }
@@ -143,7 +141,6 @@ size_t scratch_bytes(int m, int n, int k, int dtype, int sms) {
 template <typename T>
 int gemm_t(const T* a, const int4* qweight, const T* scales, T* c, float* scratch, size_t scratch_bytes, int m, int n,
            int k, int lda, int group, int per_channel, int mt, int sms, bool pdl, cudaStream_t stream) {
-  constexpr bool kFp16 = std::is_same<T, half>::value;
   switch (mt) {
     case 16:
       return launch<T, 16, 4, 8>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
@@ -155,15 +152,11 @@ int gemm_t(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
       return launch<T, 64, 4, 8>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
                                  pdl, stream);
     case 128:
-      return launch<T, 128, kFp16 ? 4 : 2, 8>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group,
-                                              per_channel, sms, pdl, stream);
+      return launch<T, 128, 4, 8>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel,
+                                  sms, pdl, stream);
     default:
-      if constexpr (kFp16) {
-        return launch<T, 256, 2, 6>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel,
-                                    sms, pdl, stream);
-      } else {
-        return MARLIN_ERR_LAUNCH;  // pick() gives bf16 at most 128 rows
-      }
+      return launch<T, 256, 2, 6>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel,
+                                  sms, pdl, stream);
   }
 }
 

@@ -165,7 +165,7 @@ __device__ void wgmma_m64k16(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(scale_d), "l"(desc_b));                                         \
   }
 
-// Instantiated shapes: every row tile the kernel uses, fp16 16..256, bf16 16..128.
+// Instantiated shapes: every row tile the kernel uses, 16..256 rows, both dtypes.
 MARLIN_DEFINE_WGMMA_N16(half, "f16")
 MARLIN_DEFINE_WGMMA_N16(__nv_bfloat16, "bf16")
 MARLIN_DEFINE_WGMMA_N32(half, "f16")
@@ -175,6 +175,7 @@ MARLIN_DEFINE_WGMMA_N64(__nv_bfloat16, "bf16")
 MARLIN_DEFINE_WGMMA_N128(half, "f16")
 MARLIN_DEFINE_WGMMA_N128(__nv_bfloat16, "bf16")
 MARLIN_DEFINE_WGMMA_N256(half, "f16")
+MARLIN_DEFINE_WGMMA_N256(__nv_bfloat16, "bf16")
 
 // ---- The accumulators of one warpgroup's 64 x MT slice of C^T (element 4q + 2h + e of a thread's registers:
 // row 16 warp + lane/4 + 8h of C^T, i.e. column col0 + 8h of the strip, and column 8q + 2 (lane % 4) + e of

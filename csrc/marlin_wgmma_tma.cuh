@@ -22,10 +22,12 @@
 //    consumers; empty[s] (one arrival per consumer warp, once the wgmmas that read the stage are complete)
 //    lets the producer refill it: STAGES - 1 tiles in flight, and no warpgroup waits for another.
 //  - Each consumer warpgroup waits for its previous tile's wgmmas before it rewrites their A registers and
-//    issues the next tile's. fp16 applies the group scales to the dequantized weights (16-bit products, one
-//    fp32 accumulator set); bf16 keeps fp32 group sums apart from the running sum and folds them in with
-//    their fp32 scale at the end of each group, as the mma.sync kernels do (rounding the scaled weights to
-//    bf16 would cost ~2e-3 relative error).
+//    issues the next tile's. fp16 applies the group scales to the dequantized weights (16-bit products).
+//    bf16 cannot (rounding the scaled weights to bf16 would cost ~2e-3 relative error), so its wgmmas add the
+//    unscaled q - 8 products and the one fp32 accumulator set holds the running sum divided by the current
+//    group's scale: where a group ends, acc *= s_old / s_new (fp32), and the segment's end multiplies by the
+//    last scale. One accumulator set, like fp16, so bf16 takes fp16's tiles (the round-7 kernel kept fp32
+//    group sums apart and folded them in, two sets, which capped bf16 at 128 x 128 tiles).
 // Measured on an H100 against the cp.async-fed kernel it replaced (docs/kernel.md): fp16 (round 6, A/B in one
 // run, bit-identical outputs) 12% faster on the Llama-2-7B layers and 16-18% on 70B at m = 64-128, 3-5% at
 // m = 256-512; bf16 (round 7, tables of two leases) 11-16% faster at m = 128-1024.
@@ -94,8 +96,8 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
   using Tr = Traits<T>;
   using L = TmaLayout<MT, WG>;
   using C = TmaConfig<MT, WG, STAGES>;
-  // fp16: the wgmmas accumulate the 16-bit-scaled weights into acc. bf16: they accumulate one scale group
-  // into grp, which is folded into acc with its fp32 scales at the group's end.
+  // fp16: the wgmmas accumulate the 16-bit-scaled weights into acc. bf16: they accumulate the unscaled
+  // products into acc, which holds the running sum divided by the current group's scale (rescale()).
   constexpr bool kScaleA = std::is_same<T, half>::value;
   constexpr int kTileN = 64 * WG;
   constexpr int kAcc = MT / 2;  // accumulator registers per thread
@@ -175,46 +177,55 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
     s0 = Tr::to_float(*reinterpret_cast<const T*>(&h0));
     s1 = Tr::to_float(*reinterpret_cast<const T*>(&h1));
   };
-  float acc[kAcc], grp[kAcc];  // (grp unused, and optimized away, for fp16)
+  float acc[kAcc];
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = grp[i] = 0.f;
-  auto mma = [&](const uint32_t(&af)[4], uint64_t desc, int scale_d) {
-    if constexpr (kScaleA) {
-      wgmma_m64k16<T, MT>(acc, af, desc, scale_d);
-    } else {
-      wgmma_m64k16<T, MT>(grp, af, desc, scale_d);
-    }
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+  auto mma = [&](const uint32_t(&af)[4], uint64_t desc, int scale_d) { wgmma_m64k16<T, MT>(acc, af, desc, scale_d); };
+  auto fence_d = [&]() { fence_registers(acc); };
+  // bf16: acc holds the running sum divided by (cs0, cs1), the scales of this thread's two columns in the
+  // current group. enter_group() moves to the group of row r of a stage: acc *= cs / s_new (rescale: acc holds
+  // sums; at a segment's start it does not). A scale of magnitude below 2^-100, zero included, counts as zero:
+  // its column's q - 8 values are masked out of the A fragments (z0, z1; zero_of()) and cs is kept, so the
+  // ratios stay finite (fp32 overflows only if a column's scales span more than ~2^100).
+  constexpr float kTiny = 0x1p-100f;
+  float cs0 = 1.f, cs1 = 1.f;
+  bool z0 = false, z1 = false;
+  auto zero_of = [&](int stage, int r, bool& y0, bool& y1) {
+    float s0, s1;
+    scale_floats(stage, r, s0, s1);
+    y0 = fabsf(s0) < kTiny, y1 = fabsf(s1) < kTiny;
   };
-  auto fence_d = [&]() {
-    if constexpr (kScaleA) {
-      fence_registers(acc);
-    } else {
-      fence_registers(grp);
-    }
+  auto enter_group = [&](int stage, int r, bool rescale) {
+    float s0, s1;
+    scale_floats(stage, r, s0, s1);
+    z0 = fabsf(s0) < kTiny, z1 = fabsf(s1) < kTiny;
+    if (!rescale) cs0 = cs1 = 1.f;
+    if (z0) s0 = cs0;
+    if (z1) s1 = cs1;
+    if (rescale) scale_fold<false>(acc, acc, __fdividef(cs0, s0), __fdividef(cs1, s1));
+    cs0 = s0, cs1 = s1;
   };
 
   int stage = 0;
   uint32_t phase = 0;
   int held = -1;  // stage of the tile whose wgmmas may still be in flight (not yet released)
-  float ps0 = 0.f, ps1 = 0.f;  // bf16: the fp32 scales of the group sum in grp
   const int tiles_per_group = per_channel ? k_tiles : group32 ? 1 : group / kTileK;
   int u = first_unit, kt = w0 - first_unit * k_tiles;
   for (int w = w0; w < w1; ++u) {
     const int seg_kt0 = kt;
     const int seg_w1 = min(w1, (u + 1) * k_tiles);
-    bool fresh = true;     // the next wgmma starts a new sum (scale-d = 0)
-    bool pending = false;  // bf16: grp holds a finished group not yet folded
+    bool fresh = true;  // the next wgmma starts a new sum (scale-d = 0)
     for (; w < seg_w1; ++w, ++kt) {
       mbar_wait(full0 + 8 * stage, phase);
       const uint32_t base = sh + stage * L::kStage;
-      // kEarly (fp16 at 256 rows, 232 registers): this tile's codes are dequantized and its scales read while
-      // the previous tile's wgmmas still run; only the scale products, which write the A registers, wait for
-      // them. (Per channel the scales are applied at the end; kEarly then multiplies by 1.0, so that the A
-      // registers are always written after the wait: ptxas serializes the wgmmas if the dequantization
-      // writes them.)
-      constexpr bool kEarly = kScaleA && MT == 256;
+      // kEarly (256 rows, 232 registers): this tile's codes are dequantized and its scales read while the
+      // previous tile's wgmmas still run; only the scale products, which write the A registers, wait for
+      // them. (bf16, and fp16 per channel, apply no scales to the weights; kEarly then multiplies by 1.0, so
+      // that the A registers are always written after the wait: ptxas serializes the wgmmas if the
+      // dequantization writes them.)
+      constexpr bool kEarly = MT == 256;
       uint32_t wq[4][4];  // dequantized q - 8 pairs, one set per k16 step
-      constexpr uint32_t kOnePair = 0x3C003C00u;
+      constexpr uint32_t kOnePair = kScaleA ? 0x3C003C00u : 0x3F803F80u;  // 1.0, 1.0 in T
       uint32_t s0p = kOnePair, s1p = kOnePair, s0q = kOnePair, s1q = kOnePair;
       auto load_tile = [&]() {
 #pragma unroll
@@ -232,9 +243,10 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       if constexpr (kEarly) load_tile();
       wgmma_wait<0>();
       fence_d();
-      if (!kScaleA && pending) {  // the previous tile closed a group
-        scale_fold<true>(acc, grp, ps0, ps1);
-        fresh = true;
+      bool zq0 = false, zq1 = false;  // bf16, g32: the zero flags of the tile's second group
+      if constexpr (!kScaleA) {
+        if (fresh || group32 || kt % tiles_per_group == 0) enter_group(stage, 0, !fresh);
+        if (group32) zero_of(stage, 1, zq0, zq1);
       }
       // The previous tile's wgmmas are complete: its stage goes back to the producer.
       if (held >= 0 && lane == 0) mbar_arrive(empty0 + 8 * held);
@@ -242,7 +254,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       uint32_t af[4][4];  // this tile's A fragments, one per k16 step
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (kScaleA && (kEarly || !per_channel)) {
+        if (kEarly || (kScaleA && !per_channel)) {
           const bool second = group32 && i >= 2;
           const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
           af[i][0] = Tr::mul(wq[i][0], s0), af[i][1] = Tr::mul(wq[i][2], s1);
@@ -250,32 +262,29 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
         } else {
           af[i][0] = wq[i][0], af[i][1] = wq[i][2], af[i][2] = wq[i][1], af[i][3] = wq[i][3];
         }
+        if constexpr (!kScaleA) {  // columns of zero scale contribute nothing
+          const bool second = group32 && i >= 2;
+          if (second ? zq0 : z0) af[i][0] = af[i][2] = 0u;
+          if (second ? zq1 : z1) af[i][1] = af[i][3] = 0u;
+        }
       }
       const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
       wgmma_fence();
-      if (!kScaleA && group32) {  // two groups per tile: the first is folded mid-tile
-        mma(af[0], desc, 0);
+      if (!kScaleA && group32) {  // two groups per tile: the move to the second is made mid-tile
+        mma(af[0], desc, fresh ? 0 : 1);
         mma(af[1], desc + 2, 1);
         wgmma_commit();
         wgmma_wait<0>();
         fence_d();
-        float s0, s1;
-        scale_floats(stage, 0, s0, s1);
-        scale_fold<true>(acc, grp, s0, s1);
+        enter_group(stage, 1, true);
         wgmma_fence();
-        mma(af[2], desc + 4, 0);
+        mma(af[2], desc + 4, 1);
         mma(af[3], desc + 6, 1);
         wgmma_commit();
-        scale_floats(stage, 1, ps0, ps1);
-        pending = true;
       } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) mma(af[i], desc + 2 * i, fresh && i == 0 ? 0 : 1);
         wgmma_commit();
-        if constexpr (!kScaleA) {
-          scale_floats(stage, 0, ps0, ps1);  // the group (or channel) of this tile
-          pending = (kt + 1) % tiles_per_group == 0;
-        }
       }
       fence_d();
       held = stage;
@@ -292,7 +301,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
         scale_fold<false>(acc, acc, s0, s1);
       }
     } else {
-      scale_fold<true>(acc, grp, ps0, ps1);  // the last group (complete or cut by the segment's end)
+      scale_fold<false>(acc, acc, cs0, cs1);  // the sum, from units of the last group's scale
     }
     if (lane == 0) mbar_arrive(empty0 + 8 * held);
     held = -1;
@@ -303,11 +312,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       store_segment<T, MT, WG>(acc, c, slot, seg_kt0 == 0 && kt == k_tiles, m, n, (u % m_tiles) * MT, strip, wg,
                                lane, col0);
     }
-    if constexpr (!kScaleA) {  // (fp16: the next segment's first wgmma overwrites acc)
-#pragma unroll
-      for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
-    }
-    kt = 0;
+    kt = 0;  // (the next segment's first wgmma overwrites acc)
   }
 #else
   __trap();  // launched only when compiled() (sm_90a code present)

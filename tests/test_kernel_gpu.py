@@ -295,3 +295,41 @@ def test_negative_scales_match_float64_reference(m: int, g: int, dtype: torch.dt
     assert rounded < limit, f"m={m} g={g} {dtype} path={path}: {rounded:.2e} vs the rounded float64 product"
     if dtype == torch.float16:
         assert raw < TOL, f"m={m} g={g} path={path}: {raw:.2e} vs the float64 product"
+
+
+# bf16 scales of any magnitude: the wgmma kernel keeps its fp32 sums in units of the current group's scale and
+# rescales them where a group ends (acc *= s_old / s_new), and masks out groups whose scale is zero. Columns at
+# 2^-30, 1 and 2^20, groups within a column at 1 or 2^-12 of it or exactly zero, random signs; each column is
+# checked against the float64 product of the unpacked codes and scales (a column's error relative to its own
+# norm, so that the small columns count), with the same 1e-3 bound on the column-normalized whole and 1e-2 on
+# any single column (a wrong ratio costs O(1)).
+@pytest.mark.parametrize("path", (kernel.PATH_MMA, kernel.PATH_WGMMA), ids=["mma", "wgmma"])
+@pytest.mark.parametrize("g", (32, 128, -1))
+@pytest.mark.parametrize("m", (1, 33, 200, 1300))
+def test_bf16_scales_of_every_magnitude(m: int, g: int, path: int) -> None:
+    if path == kernel.PATH_WGMMA and not kernel.wgmma_available():
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
+    k, n = 1280, 448
+    gen = torch.Generator().manual_seed(m * 31 + g * 7 + path)
+    groups = 1 if g == -1 else k // g
+    codes = torch.randint(0, 16, (k, n), generator=gen)
+    column = torch.tensor([2.0**-30, 1.0, 2.0**20])[torch.randint(0, 3, (n,), generator=gen)]
+    level = torch.rand(groups, n, generator=gen)
+    within = torch.where(level < 0.6, 1.0, torch.where(level < 0.9, 2.0**-12, 0.0))
+    if g == -1:
+        within = torch.where(torch.arange(n) % 17 == 0, 0.0, 1.0)[None, :]  # a few all-zero columns
+    sign = torch.where(torch.rand(groups, n, generator=gen) < 0.5, -1.0, 1.0)
+    scales = (sign * column * within * (0.5 + torch.rand(groups, n, generator=gen))).bfloat16()
+    assert (scales == 0).any()
+    a = torch.randn(m, k, generator=gen).bfloat16()
+    weight = (codes.double() - 8) * scales.double().repeat_interleave(k if g == -1 else g, 0)
+    ref64 = a.double() @ weight
+    qweight, packed, _ = fmt.pack(codes, scales, g)
+    out = _poisoned_call(a.cuda(), qweight.cuda(), packed.cuda(), g, path).cpu().double()
+    live = ref64.norm(dim=0) > 0
+    assert torch.equal(out[:, ~live], torch.zeros_like(out[:, ~live])), "an all-zero-scale column is not zero"
+    norm = ref64[:, live].norm(dim=0)
+    err = (out[:, live] - ref64[:, live].bfloat16().double()).norm(dim=0) / norm
+    whole = (err.square().mean().sqrt()).item()
+    assert whole < TOL, f"m={m} g={g} path={path}: column-normalized error {whole:.2e}"
+    assert err.max().item() < 1e-2, f"m={m} g={g} path={path}: worst column {err.max().item():.2e}"

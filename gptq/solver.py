@@ -93,8 +93,9 @@ class QuantizedMatrix:
 class HessianAccumulator:
     """H = 2 X X^T / T over calibration inputs, every token weighted equally.
 
-    ``xtx`` is float32 [K, K] on ``device`` (half the memory of float64: 3.3 GB instead of 6.6 GB for a 70B
-    down_proj, K = 28672). Each batch's X^T X is one GEMM, then added to it. On a GPU, inputs
+    ``total`` (X^T X; the name both accumulators give their running sum, which several ranks all-reduce) is
+    float32 [K, K] on ``device`` (half the memory of float64: 3.3 GB instead of 6.6 GB for a 70B down_proj,
+    K = 28672). Each batch's X^T X is one GEMM, then added to it. On a GPU, inputs
     that arrive in fp16/bf16 (the model dtype) are multiplied with TF32 tensor cores: TF32 keeps 10 mantissa
     bits, so an fp16 or bf16 value converts to it exactly and every product is exact; only the float32
     accumulation rounds, as it did before. Summing the float32 batch products in float32 instead of float64 changes H by
@@ -103,59 +104,51 @@ class HessianAccumulator:
     """
 
     def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
-        self.xtx = torch.zeros((k, k), dtype=torch.float32, device=device)
+        self.total = torch.zeros((k, k), dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` [..., K] (any float dtype); no host synchronisation."""
-        exact_tf32 = x.dtype in (torch.float16, torch.bfloat16) and self.xtx.is_cuda
-        x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float32)
+        exact_tf32 = x.dtype in (torch.float16, torch.bfloat16) and self.total.is_cuda
+        x = x.reshape(-1, x.shape[-1]).to(self.total.device, torch.float32)
         self.tokens += x.shape[0]
         # The batch's product first, then one addition (not addmm_, whose GEMM may fold the running sum into
         # its K-blocked accumulation): so a sum over ranks of per-rank sums equals the one-process sum whenever
         # the order of the terms is the same up to commutation (tests/test_distributed.py).
         if exact_tf32:
             with _tf32_matmul():
-                self.xtx += x.T @ x
+                self.total += x.T @ x
         else:
-            self.xtx += x.T @ x
+            self.total += x.T @ x
 
     def finalize(self) -> torch.Tensor:
         """H as float32 [K, K]."""
         if self.tokens == 0:
             raise ValueError("no calibration inputs reached this layer")
-        return self.xtx * (2.0 / self.tokens)
+        return self.total * (2.0 / self.tokens)
 
 
 class ImportanceAccumulator:
     """Mean squared input per feature, ``E[x_j^2]`` over calibration tokens: the diagonal of H up to a factor 2,
-    at the cost of one pass over the inputs (no K x K product). ``sums`` is float32 [K] on ``device``; each batch
-    is squared in float32 and summed, so a sum over ranks equals the one-process sum up to the order of terms."""
+    at the cost of one pass over the inputs (no K x K product). ``total`` (the sum of x_j^2) is float32 [K] on
+    ``device``; each batch is squared in float32 and summed, so a sum over ranks equals the one-process sum up to
+    the order of terms."""
 
     def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
-        self.sums = torch.zeros(k, dtype=torch.float32, device=device)
+        self.total = torch.zeros(k, dtype=torch.float32, device=device)
         self.tokens = 0
-
-    @property
-    def xtx(self) -> torch.Tensor:
-        """The running sums (the name :class:`HessianAccumulator` uses, for the all-reduce of several ranks)."""
-        return self.sums
-
-    @xtx.deleter
-    def xtx(self) -> None:
-        del self.sums
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` [..., K] (any float dtype); no host synchronisation."""
-        x = x.reshape(-1, x.shape[-1]).to(self.sums.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self.total.device, torch.float32)
         self.tokens += x.shape[0]
-        self.sums += x.square().sum(dim=0)
+        self.total += x.square().sum(dim=0)
 
     def finalize(self) -> torch.Tensor:
         """float32 [K] mean squared input per feature."""
         if self.tokens == 0:
             raise ValueError("no calibration inputs reached this layer")
-        return self.sums / self.tokens
+        return self.total / self.tokens
 
 
 class _tf32_matmul:  # noqa: N801 - used as a context manager

@@ -10,6 +10,7 @@ from gptq.solver import (
     CholeskyError,
     GPTQConfig,
     HessianAccumulator,
+    ImportanceAccumulator,
     gptq_quantize,
     inverse_cholesky,
     relative_output_error,
@@ -29,15 +30,26 @@ def _problem(n: int = 96, k: int = 256, t: int = 2048, seed: int = 0) -> tuple[t
     return w, acc.finalize()
 
 
-def test_hessian_accumulator_matches_float64_formula() -> None:
+# Each accumulator against its float64 formula over uneven batches: H = 2 X^T X / T (float32 products) and the
+# mean squared input per feature.
+ACCUMULATORS = {
+    "hessian": (HessianAccumulator, lambda x: 2 * x.T @ x / x.shape[0], 1e-5),
+    "importance": (ImportanceAccumulator, lambda x: (x * x).mean(0), 1e-6),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCUMULATORS))
+def test_accumulator_matches_float64_formula(name: str) -> None:
+    cls, formula, rtol = ACCUMULATORS[name]
     gen = torch.Generator().manual_seed(1)
     chunks = [torch.randn(int(n), 32, generator=gen) for n in (5, 100, 37)]
-    acc = HessianAccumulator(32)
+    acc = cls(32)
     for c in chunks:
         acc.add(c.unsqueeze(0))
     x = torch.cat(chunks).double()
-    assert torch.allclose(acc.finalize().double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)  # float32 products
+    assert torch.allclose(acc.finalize().double(), formula(x), rtol=rtol, atol=1e-6)
     assert acc.tokens == 142
+    assert acc.total.dtype == torch.float32  # the running sum that several ranks all-reduce
 
 
 @pytest.mark.parametrize("g", [32, 64, 128, -1])
@@ -212,19 +224,6 @@ def test_weighted_rtn_codes_scales_and_weight_agree_and_beat_rtn(g: int) -> None
     err = (((w - q.weight) ** 2) * d).sum()
     rtn = rtn_quantize(w, g)
     assert err < 0.8 * (((w - rtn.weight) ** 2) * d).sum()  # lower importance-weighted error than plain RTN
-
-
-def test_importance_accumulator_matches_float64_formula() -> None:
-    from gptq.solver import ImportanceAccumulator
-
-    gen = torch.Generator().manual_seed(6)
-    chunks = [torch.randn(int(n), 24, generator=gen) for n in (7, 50, 3)]
-    acc = ImportanceAccumulator(24)
-    for c in chunks:
-        acc.add(c.unsqueeze(0))
-    x = torch.cat(chunks).double()
-    assert torch.allclose(acc.finalize().double(), (x * x).mean(0), rtol=1e-6)
-    assert acc.tokens == 60
 
 
 @pytest.mark.parametrize("g", [64, -1])

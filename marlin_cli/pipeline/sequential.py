@@ -390,7 +390,7 @@ def quantize_sequential(
                 with _statistic_hooks(layer, groups, device, last and not floating, method) as (accs, current):
                     _statistic_pass(layer, acts, current, keep_outputs=floating)
                 for acc in accs:
-                    world.all_reduce_sum(acc.xtx)
+                    world.all_reduce_sum(acc.total)
                     if world.size > 1:
                         acc.tokens = total_tokens
                 _sync(device)
@@ -399,7 +399,7 @@ def quantize_sequential(
                 for group, acc in zip(groups, accs, strict=True):
                     owner = input_groups.index(group) % world.size
                     _solve_group(layer, prefix, group, acc, cfg, world, owner, layer_matrices, errors, originals)
-                    del acc.xtx
+                    del acc.total
                 _sync(device)
                 t_solve += time.perf_counter() - t1
         if tuning:

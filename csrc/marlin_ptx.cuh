@@ -187,6 +187,21 @@ struct Traits<__nv_bfloat16> {
     return d;
   }
 
+  // dequant with a 0/1 factor per column of the pair (the wgmma kernel's zero-scale mask): out[0], out[1]
+  // (nibbles 0, 1, 4, 5: the fragment's first column) are multiplied by keep0, out[2], out[3] by keep1, at no
+  // cost (the same four FMAs: (128 + q) * keep - 136 * keep).
+  __device__ __forceinline__ static void dequant_keep(uint32_t q, uint32_t (&out)[4], bool keep0, bool keep1) {
+    constexpr uint32_t kLo = 0x000F000Fu, kExp = 0x43004300u;
+    const uint32_t one0 = keep0 ? 0x3F803F80u : 0u, one1 = keep1 ? 0x3F803F80u : 0u;
+    const uint32_t minus0 = keep0 ? 0xC308C308u : 0u, minus1 = keep1 ? 0xC308C308u : 0u;  // -136 or 0
+    const uint32_t v0 = and_or(q, kLo, kExp), v1 = and_or(q >> 4, kLo, kExp);
+    const uint32_t v2 = and_or(q >> 8, kLo, kExp), v3 = and_or(q >> 12, kLo, kExp);
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[0]) : "r"(v0), "r"(one0), "r"(minus0));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[1]) : "r"(v1), "r"(one0), "r"(minus0));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[2]) : "r"(v2), "r"(one1), "r"(minus1));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[3]) : "r"(v3), "r"(one1), "r"(minus1));
+  }
+
   // bf16 has no mantissa room for the nibble at bits 4..7 and no offset variant: dequant_offset is the exact
   // dequant (its four FMAs measured cheaper than an offset-correcting mma), and the offsets are zero.
   static constexpr bool kHasOffset = false;

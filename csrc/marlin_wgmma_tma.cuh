@@ -185,8 +185,9 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
   // bf16: acc holds the running sum divided by (cs0, cs1), the scales of this thread's two columns in the
   // current group. enter_group() moves to the group of row r of a stage: acc *= cs / s_new (rescale: acc holds
   // sums; at a segment's start it does not). A scale of magnitude below 2^-100, zero included, counts as zero:
-  // its column's q - 8 values are masked out of the A fragments (z0, z1; zero_of()) and cs is kept, so the
-  // ratios stay finite (fp32 overflows only if a column's scales span more than ~2^100).
+  // its column's q - 8 values are masked out of the A fragments by the dequantization (z0, z1; zero_of();
+  // Traits::dequant_keep) and cs is kept, so the ratios stay finite (fp32 overflows only if a column's scales
+  // span more than ~2^100).
   constexpr float kTiny = 0x1p-100f;
   float cs0 = 1.f, cs1 = 1.f;
   bool z0 = false, z1 = false;
@@ -227,9 +228,25 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       uint32_t wq[4][4];  // dequantized q - 8 pairs, one set per k16 step
       constexpr uint32_t kOnePair = kScaleA ? 0x3C003C00u : 0x3F803F80u;  // 1.0, 1.0 in T
       uint32_t s0p = kOnePair, s1p = kOnePair, s0q = kOnePair, s1q = kOnePair;
+      // bf16: whether the tile starts a group, and the zero flags of its k16 steps' groups (steps 0-1: row 0 of
+      // the stage where the tile starts a group, else the current group; steps 2-3: row 1 for g32)
+      const bool enters = fresh || group32 || kt % tiles_per_group == 0;
+      bool zp0 = z0, zp1 = z1, zq0 = false, zq1 = false;
+      if constexpr (!kScaleA) {
+        if (enters) zero_of(stage, 0, zp0, zp1);
+        if (group32) zero_of(stage, 1, zq0, zq1);
+      }
       auto load_tile = [&]() {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) Tr::dequant(lds32(base + w_off + 512 * WG * i), wq[i]);
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t word = lds32(base + w_off + 512 * WG * i);
+          if constexpr (kScaleA) {
+            Tr::dequant(word, wq[i]);
+          } else {
+            const bool second = group32 && i >= 2;
+            Tr::dequant_keep(word, wq[i], !(second ? zq0 : zp0), !(second ? zq1 : zp1));
+          }
+        }
         if (kScaleA && !per_channel) {
           uint16_t h0, h1;
           load_scales(stage, 0, h0, h1);
@@ -243,11 +260,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       if constexpr (kEarly) load_tile();
       wgmma_wait<0>();
       fence_d();
-      bool zq0 = false, zq1 = false;  // bf16, g32: the zero flags of the tile's second group
-      if constexpr (!kScaleA) {
-        if (fresh || group32 || kt % tiles_per_group == 0) enter_group(stage, 0, !fresh);
-        if (group32) zero_of(stage, 1, zq0, zq1);
-      }
+      if (!kScaleA && enters) enter_group(stage, 0, !fresh);
       // The previous tile's wgmmas are complete: its stage goes back to the producer.
       if (held >= 0 && lane == 0) mbar_arrive(empty0 + 8 * held);
       if constexpr (!kEarly) load_tile();
@@ -261,11 +274,6 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
           af[i][2] = Tr::mul(wq[i][1], s0), af[i][3] = Tr::mul(wq[i][3], s1);
         } else {
           af[i][0] = wq[i][0], af[i][1] = wq[i][2], af[i][2] = wq[i][1], af[i][3] = wq[i][3];
-        }
-        if constexpr (!kScaleA) {  // columns of zero scale contribute nothing
-          const bool second = group32 && i >= 2;
-          if (second ? zq0 : z0) af[i][0] = af[i][2] = 0u;
-          if (second ? zq1 : z1) af[i][1] = af[i][3] = 0u;
         }
       }
       const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)

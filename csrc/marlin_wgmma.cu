@@ -2,15 +2,17 @@
 // with warpgroup MMAs (wgmma) fed by a TMA producer warpgroup (wgmma_tma_kernel, marlin_wgmma_tma.cuh, which
 // says how it works), fp32 accumulation, for the batches where mma.sync cannot keep the tensor cores busy.
 //
-// Launch configurations, chosen by pick() (one block per SM; STAGES 64-row k tiles deep, STAGES - 1 in flight),
-// the same for both dtypes (one fp32 accumulator set each: fp16 applies the group scales to the dequantized
-// weights in fp16, ~2e-4 relative error like the mma.sync kernel's 4-row-block variant; bf16 rescales its
-// fp32 sums where a group ends):
+// Launch configurations, chosen by pick() (one block per SM; STAGES 64-row k tiles deep, STAGES - 1 in flight):
 //  - MT = 16..128 rows: four consumer warpgroups (256 columns per block, so each activation tile feeds twice
 //    the weights; two warpgroups with 2-3 blocks per SM measured 5-31% slower in the per-model sums of the
-//    cp.async-fed kernel before it), 112 registers each, 8 stages.
+//    cp.async-fed kernel before it), 112 registers each, 8 stages. fp16 applies the group scales to the
+//    dequantized weights in fp16 (one fp32 accumulator set: ~2e-4 relative error, like the mma.sync kernel's
+//    4-row-block variant); bf16 folds fp32 group sums in with fp32 scales (two accumulator sets), so at 128
+//    rows it takes two consumer warpgroups (2 x 64 accumulators need the 232 registers of two).
 //  - m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two consumer warpgroups (232
-//    registers), 6 stages (37 KB each): 2-11% faster than MT = 128 at m = 256 and 512 (fp16, H200).
+//    registers), 6 stages (37 KB each), both dtypes (bf16 rescales its one accumulator set where a group
+//    ends). fp16: 2-11% faster than MT = 128 at m = 256 and 512 (H200); on the H100 128 x 256 tiles (four
+//    warpgroups) were 3-4% slower for fp16 and 6-12% for bf16 at m = 256-1024 (docs/kernel.md, round 8).
 // The tensor maps are encoded on the host for each call (in a CUDA graph, once at capture); they need A, the
 // codes and the scales 16-byte aligned and lda % 8 == 0, which marlin_gemm checks of every call.
 #include "marlin_kernel.h"
@@ -68,11 +70,12 @@ __global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid
 }
 
 // The configuration a call with m rows of dtype runs: rows per block and consumer warpgroups (64-column strips)
-// per block, for either dtype. The smallest of 16, 32, 64, 128 rows that covers m with four warpgroups; above
-// 128 rows, 256 rows with two.
-void pick(int m, int /*dtype*/, int& mt, int& wg) {
+// per block. The smallest of 16, 32, 64, 128 rows that covers m with four warpgroups (two for bf16 at 128 rows,
+// which folds with two accumulator sets); above 128 rows, 256 rows with two.
+void pick(int m, int dtype, int& mt, int& wg) {
   mt = m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256;
-  wg = mt <= 128 ? 4 : 2;
+  const bool fold128 = dtype != MARLIN_FP16 && kBf16FoldMaxRows >= 128;
+  wg = mt == 256 || (mt == 128 && fold128) ? 2 : 4;
 }
 
 Plan plan_for(int m, int n, int k, int mt, int wg, int sms) { return wgmma_plan(m, n, k, mt, wg, sms); }
@@ -152,8 +155,8 @@ int gemm_t(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
       return launch<T, 64, 4, 8>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
                                  pdl, stream);
     case 128:
-      return launch<T, 128, 4, 8>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel,
-                                  sms, pdl, stream);
+      return launch<T, 128, std::is_same<T, half>::value || kBf16FoldMaxRows < 128 ? 4 : 2, 8>(
+          a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms, pdl, stream);
     default:
       return launch<T, 256, 2, 6>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel,
                                   sms, pdl, stream);

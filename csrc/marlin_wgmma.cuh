@@ -15,6 +15,10 @@
 namespace marlin {
 namespace sm90 {
 
+// bf16 row tiles up to this many rows fold fp32 group sums into the running sum (two accumulator sets; 128
+// rows then take two consumer warpgroups); larger ones rescale one set (marlin_wgmma_tma.cuh, kFold).
+constexpr int kBf16FoldMaxRows = 128;
+
 // Descriptor of a K-major B operand in shared memory with the 128-byte swizzle: rows of 64 16-bit elements
 // (128 bytes), 8-row atoms of 1024 bytes in which 16-byte chunk c of row r sits at chunk c ^ (r % 8).
 // `addr` is the 32-bit shared address of the k16 slice's first row (atom base + 32 bytes per k16 step; the

@@ -23,11 +23,10 @@
 //    lets the producer refill it: STAGES - 1 tiles in flight, and no warpgroup waits for another.
 //  - Each consumer warpgroup waits for its previous tile's wgmmas before it rewrites their A registers and
 //    issues the next tile's. fp16 applies the group scales to the dequantized weights (16-bit products).
-//    bf16 cannot (rounding the scaled weights to bf16 would cost ~2e-3 relative error), so its wgmmas add the
-//    unscaled q - 8 products and the one fp32 accumulator set holds the running sum divided by the current
-//    group's scale: where a group ends, acc *= s_old / s_new (fp32), and the segment's end multiplies by the
-//    last scale. One accumulator set, like fp16, so bf16 takes fp16's tiles (the round-7 kernel kept fp32
-//    group sums apart and folded them in, two sets, which capped bf16 at 128 x 128 tiles).
+//    bf16 cannot (rounding the scaled weights to bf16 would cost ~2e-3 relative error): up to 128 rows it
+//    keeps fp32 group sums apart and folds them in with their scales (two accumulator sets); at 256 rows its
+//    one accumulator set holds the running sum divided by the current group's scales, rescaled where a group
+//    ends (see kFold and kRescale below).
 // Measured on an H100 against the cp.async-fed kernel it replaced (docs/kernel.md): fp16 (round 6, A/B in one
 // run, bit-identical outputs) 12% faster on the Llama-2-7B layers and 16-18% on 70B at m = 64-128, 3-5% at
 // m = 256-512; bf16 (round 7, tables of two leases) 11-16% faster at m = 128-1024.
@@ -177,45 +176,64 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
     s0 = Tr::to_float(*reinterpret_cast<const T*>(&h0));
     s1 = Tr::to_float(*reinterpret_cast<const T*>(&h1));
   };
-  float acc[kAcc];
+  // The scales, three ways: fp16 (kScaleA) multiplies the dequantized weights by them in fp16, one fp32
+  // accumulator set. bf16 keeps the products of the unscaled q - 8 values in fp32 (rounding the scaled weights
+  // to bf16 would cost ~2e-3 relative error): up to kBf16FoldMaxRows rows (kFold) the wgmmas sum one group into
+  // grp, folded into acc with the group's fp32 scales at its end (two accumulator sets); above (kRescale, the
+  // 256-row tile, where two sets do not fit) they sum into acc, which holds the running sum divided by the
+  // current group's scales: where a group ends, acc *= s_old / s_new, and the segment's end multiplies by the
+  // last scales. Measured on an H100 (docs/kernel.md): the fold is 5-18% faster up to 128 rows, the rescaled
+  // 256-row tile 5-16% faster than 128-row fold tiles from 256 rows.
+  constexpr bool kFold = !kScaleA && MT <= kBf16FoldMaxRows;
+  constexpr bool kRescale = !kScaleA && !kFold;
+  float acc[kAcc], grp[kAcc];  // (grp unused, and optimized away, unless kFold)
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
-  auto mma = [&](const uint32_t(&af)[4], uint64_t desc, int scale_d) { wgmma_m64k16<T, MT>(acc, af, desc, scale_d); };
-  auto fence_d = [&]() { fence_registers(acc); };
-  // bf16: acc holds the running sum divided by (cs0, cs1), the scales of this thread's two columns in the
-  // current group. enter_group() moves to the group of row r of a stage: acc *= cs / s_new (rescale: acc holds
-  // sums; at a segment's start it does not). A scale of magnitude below 2^-100, zero included, counts as zero:
-  // its column's q - 8 values are masked out of the A fragments by the dequantization (z0, z1; zero_of();
-  // Traits::dequant_keep) and cs is kept, so the ratios stay finite (fp32 overflows only if a column's scales
-  // span more than ~2^100).
+  for (int i = 0; i < kAcc; ++i) acc[i] = grp[i] = 0.f;
+  auto mma = [&](const uint32_t(&af)[4], uint64_t desc, int scale_d) {
+    if constexpr (kFold) {
+      wgmma_m64k16<T, MT>(grp, af, desc, scale_d);
+    } else {
+      wgmma_m64k16<T, MT>(acc, af, desc, scale_d);
+    }
+  };
+  auto fence_d = [&]() {
+    if constexpr (kFold) {
+      fence_registers(grp);
+    } else {
+      fence_registers(acc);
+    }
+  };
+  // kRescale: acc is in units of (cs0, cs1), the current group's scales of this thread's two columns.
+  // next_group() moves them to the group of row r of a stage and gives the factors (f0, f1) = cs_old / cs_new
+  // acc must be multiplied by (fresh_sum: acc holds no sums yet). A scale of magnitude below 2^-100, zero
+  // included, counts as zero: its column's q - 8 values are masked out of the A fragments by the
+  // dequantization (flags y0, y1; Traits::dequant_keep) and cs is kept, so the factors stay finite (fp32
+  // overflows only if a column's scales span more than ~2^100).
   constexpr float kTiny = 0x1p-100f;
   float cs0 = 1.f, cs1 = 1.f;
-  bool z0 = false, z1 = false;
-  auto zero_of = [&](int stage, int r, bool& y0, bool& y1) {
+  bool z0 = false, z1 = false;  // the current group's zero flags
+  auto next_group = [&](int stage, int r, bool fresh_sum, float& f0, float& f1, bool& y0, bool& y1) {
     float s0, s1;
     scale_floats(stage, r, s0, s1);
     y0 = fabsf(s0) < kTiny, y1 = fabsf(s1) < kTiny;
-  };
-  auto enter_group = [&](int stage, int r, bool rescale) {
-    float s0, s1;
-    scale_floats(stage, r, s0, s1);
-    z0 = fabsf(s0) < kTiny, z1 = fabsf(s1) < kTiny;
-    if (!rescale) cs0 = cs1 = 1.f;
-    if (z0) s0 = cs0;
-    if (z1) s1 = cs1;
-    if (rescale) scale_fold<false>(acc, acc, __fdividef(cs0, s0), __fdividef(cs1, s1));
-    cs0 = s0, cs1 = s1;
+    if (fresh_sum) cs0 = cs1 = 1.f;
+    if (y0) s0 = cs0;
+    if (y1) s1 = cs1;
+    f0 = __fdividef(cs0, s0), f1 = __fdividef(cs1, s1);
+    cs0 = s0, cs1 = s1, z0 = y0, z1 = y1;
   };
 
   int stage = 0;
   uint32_t phase = 0;
   int held = -1;  // stage of the tile whose wgmmas may still be in flight (not yet released)
+  float ps0 = 0.f, ps1 = 0.f;  // kFold: the fp32 scales of the group sum in grp
   const int tiles_per_group = per_channel ? k_tiles : group32 ? 1 : group / kTileK;
   int u = first_unit, kt = w0 - first_unit * k_tiles;
   for (int w = w0; w < w1; ++u) {
     const int seg_kt0 = kt;
     const int seg_w1 = min(w1, (u + 1) * k_tiles);
-    bool fresh = true;  // the next wgmma starts a new sum (scale-d = 0)
+    bool fresh = true;     // the next wgmma starts a new sum (scale-d = 0)
+    bool pending = false;  // kFold: grp holds a finished group not yet folded
     for (; w < seg_w1; ++w, ++kt) {
       mbar_wait(full0 + 8 * stage, phase);
       const uint32_t base = sh + stage * L::kStage;
@@ -228,23 +246,24 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       uint32_t wq[4][4];  // dequantized q - 8 pairs, one set per k16 step
       constexpr uint32_t kOnePair = kScaleA ? 0x3C003C00u : 0x3F803F80u;  // 1.0, 1.0 in T
       uint32_t s0p = kOnePair, s1p = kOnePair, s0q = kOnePair, s1q = kOnePair;
-      // bf16: whether the tile starts a group, and the zero flags of its k16 steps' groups (steps 0-1: row 0 of
-      // the stage where the tile starts a group, else the current group; steps 2-3: row 1 for g32)
+      // kRescale: a tile that starts a group reads the group's scales and factors before the wait, so that only
+      // the multiplication of acc follows it; zp/zq: the zero flags of its k16 steps 0-1 and (g32) 2-3.
       const bool enters = fresh || group32 || kt % tiles_per_group == 0;
       bool zp0 = z0, zp1 = z1, zq0 = false, zq1 = false;
-      if constexpr (!kScaleA) {
-        if (enters) zero_of(stage, 0, zp0, zp1);
-        if (group32) zero_of(stage, 1, zq0, zq1);
+      float r0 = 1.f, r1 = 1.f, rq0 = 1.f, rq1 = 1.f;
+      if constexpr (kRescale) {
+        if (enters) next_group(stage, 0, fresh, r0, r1, zp0, zp1);
+        if (group32) next_group(stage, 1, false, rq0, rq1, zq0, zq1);
       }
       auto load_tile = [&]() {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const uint32_t word = lds32(base + w_off + 512 * WG * i);
-          if constexpr (kScaleA) {
-            Tr::dequant(word, wq[i]);
-          } else {
+          if constexpr (kRescale) {
             const bool second = group32 && i >= 2;
             Tr::dequant_keep(word, wq[i], !(second ? zq0 : zp0), !(second ? zq1 : zp1));
+          } else {
+            Tr::dequant(word, wq[i]);
           }
         }
         if (kScaleA && !per_channel) {
@@ -260,7 +279,11 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       if constexpr (kEarly) load_tile();
       wgmma_wait<0>();
       fence_d();
-      if (!kScaleA && enters) enter_group(stage, 0, !fresh);
+      if (kFold && pending) {  // the previous tile closed a group
+        scale_fold<true>(acc, grp, ps0, ps1);
+        fresh = true;
+      }
+      if (kRescale && enters && !fresh) scale_fold<false>(acc, acc, r0, r1);
       // The previous tile's wgmmas are complete: its stage goes back to the producer.
       if (held >= 0 && lane == 0) mbar_arrive(empty0 + 8 * held);
       if constexpr (!kEarly) load_tile();
@@ -279,20 +302,34 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
       wgmma_fence();
       if (!kScaleA && group32) {  // two groups per tile: the move to the second is made mid-tile
-        mma(af[0], desc, fresh ? 0 : 1);
+        mma(af[0], desc, kFold || fresh ? 0 : 1);
         mma(af[1], desc + 2, 1);
         wgmma_commit();
         wgmma_wait<0>();
         fence_d();
-        enter_group(stage, 1, true);
+        if constexpr (kFold) {
+          float s0, s1;
+          scale_floats(stage, 0, s0, s1);
+          scale_fold<true>(acc, grp, s0, s1);
+        } else {
+          scale_fold<false>(acc, acc, rq0, rq1);
+        }
         wgmma_fence();
-        mma(af[2], desc + 4, 1);
+        mma(af[2], desc + 4, kFold ? 0 : 1);
         mma(af[3], desc + 6, 1);
         wgmma_commit();
+        if constexpr (kFold) {
+          scale_floats(stage, 1, ps0, ps1);
+          pending = true;
+        }
       } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) mma(af[i], desc + 2 * i, fresh && i == 0 ? 0 : 1);
         wgmma_commit();
+        if constexpr (kFold) {
+          scale_floats(stage, 0, ps0, ps1);  // the group (or channel) of this tile
+          pending = (kt + 1) % tiles_per_group == 0;
+        }
       }
       fence_d();
       held = stage;
@@ -308,8 +345,10 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
         scale_floats(held, 0, s0, s1);
         scale_fold<false>(acc, acc, s0, s1);
       }
+    } else if constexpr (kFold) {
+      scale_fold<true>(acc, grp, ps0, ps1);  // the last group (complete or cut by the segment's end)
     } else {
-      scale_fold<false>(acc, acc, cs0, cs1);  // the sum, from units of the last group's scale
+      scale_fold<false>(acc, acc, cs0, cs1);  // the sum, from units of the last group's scales
     }
     if (lane == 0) mbar_arrive(empty0 + 8 * held);
     held = -1;
@@ -320,7 +359,11 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       store_segment<T, MT, WG>(acc, c, slot, seg_kt0 == 0 && kt == k_tiles, m, n, (u % m_tiles) * MT, strip, wg,
                                lane, col0);
     }
-    kt = 0;  // (the next segment's first wgmma overwrites acc)
+    if constexpr (kFold) {  // (otherwise the next segment's first wgmma overwrites acc)
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+    }
+    kt = 0;
   }
 #else
   __trap();  // launched only when compiled() (sm_90a code present)

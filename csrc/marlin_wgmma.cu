@@ -12,7 +12,8 @@
 //  - m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two consumer warpgroups (232
 //    registers), 6 stages (37 KB each), both dtypes (bf16 rescales its one accumulator set where a group
 //    ends). fp16: 2-11% faster than MT = 128 at m = 256 and 512 (H200); on the H100 128 x 256 tiles (four
-//    warpgroups) were 3-4% slower for fp16 and 6-12% for bf16 at m = 256-1024 (docs/kernel.md, round 8).
+//    warpgroups) were 3-4% slower for fp16 (70B m = 1024: 1% faster) and 10-12% for bf16 at m = 256-1024
+//    (docs/kernel.md, round 8).
 // The tensor maps are encoded on the host for each call (in a CUDA graph, once at capture); they need A, the
 // codes and the scales 16-byte aligned and lda % 8 == 0, which marlin_gemm checks of every call.
 #include "marlin_kernel.h"

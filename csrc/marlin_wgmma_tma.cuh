@@ -182,8 +182,9 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
   // grp, folded into acc with the group's fp32 scales at its end (two accumulator sets); above (kRescale, the
   // 256-row tile, where two sets do not fit) they sum into acc, which holds the running sum divided by the
   // current group's scales: where a group ends, acc *= s_old / s_new, and the segment's end multiplies by the
-  // last scales. Measured on an H100 (docs/kernel.md): the fold is 5-18% faster up to 128 rows, the rescaled
-  // 256-row tile 5-16% faster than 128-row fold tiles from 256 rows.
+  // last scales. Measured on an H100 (docs/kernel.md, round 8; the rescale everywhere, on fp16's tiles): the
+  // fold is 11-23% faster at 16-64 rows and 0-9% at 128, the rescaled 256-row tile 5-20% faster than the
+  // fold's 128-row tiles from 256 rows.
   constexpr bool kFold = !kScaleA && MT <= kBf16FoldMaxRows;
   constexpr bool kRescale = !kScaleA && !kFold;
   float acc[kAcc], grp[kAcc];  // (grp unused, and optimized away, unless kFold)

@@ -50,18 +50,20 @@ rows on: the mma.sync kernel handles 64 fp16 rows (32 bf16 rows) per pass over t
 H100 it beats dequantize + cuBLAS up to 128 rows and loses at 256 (Llama-2-7B shapes). bf16 inputs always
 use a fused kernel: rounding the dequantized weights to bf16 costs about 2e-3 relative error, above the
 1e-3 the fused kernels meet."""
-DENSE_MIN_ROWS_WGMMA = {"H100": 1200, "": 1024}
+DENSE_MIN_ROWS_WGMMA = {"H100": 4096, "": 1024}
 """With the wgmma kernels (sm_90), fp16 inputs use dequantize + cuBLAS from this many rows on (prompt prefill
 sizes), by device name substring ("" for any other sm_90 GPU). Sums over the four Llama-2 layers, g128, us,
 wgmma / dense, each pair measured in one run with ``scripts/bench_kernel.py --paths wgmma dense``:
-- H100 80GB HBM3, the TMA wgmma kernel (2026-12-06, 92d1582): 7B 768 rows 547.2 / 592.5, 1024 rows
-  670.1 / 726.7, 1536 rows 1077.4 / 1004.9; 70B 768 rows 2146.0 / 2541.7, 1024 rows 2832.0 / 3045.6, 1536
-  rows 4988.2 / 4294.7. The fused kernel wins at 1024 and dense at 1536 on both models; the ratio, linearly
-  interpolated, crosses 1 near 1180 (70B) and 1250 (7B) rows, hence 1200.
+- H100 80GB HBM3, the TMA wgmma kernel with whole-unit waves (2026-12-07, 19bef2c, one round): 7B 1024 rows
+  614.1 / 735.5, 1536 rows 1023.0 / 1035.3, 2048 rows 1269.2 / 1405.3; 70B 1024 rows 2523.7 / 3063.9, 1536
+  rows 3913.6 / 4327.9, 2048 rows 5194.4 / 5780.3. The fused kernel wins at every size measured (1-11% at
+  1536-2048 rows); dense costs cuBLAS plus a dequantization of fixed cost, so its deficit shrinks with m, and
+  the threshold is 4096 rows, twice the largest size measured, until larger sizes are timed. (Before the
+  waves, 92d1582: 7B 1536 rows 1077.4 / 1004.9, 70B 4988.2 / 4294.7, crossover near 1200 rows.)
 - H200, the cp.async wgmma kernel before the TMA producer (round 4): 7B 768 rows 582.9 / 565.0, 1024 rows
   787.7 / 737.1, 1536 rows 1208.6 / 1043.9; 70B 768 rows 2310.3 / 2590.9, 1024 rows 3149.0 / 3117.2; kept
-  at 1024 for GPUs other than the H100 until the TMA kernel is measured there (it gained 3-5% at 256-512
-  rows on the H100, so the crossover can only have moved up)."""
+  at 1024 for GPUs other than the H100 until the TMA kernel is measured there (on the H100 it and the waves
+  moved the crossover from about 1200 rows past 2048, so it can only have moved up)."""
 
 
 def _source_dir() -> Path:

@@ -168,18 +168,8 @@ struct Traits<__nv_bfloat16> {
   }
 
   // Same contract as the fp16 version. bf16 has only 7 mantissa bits, so every nibble is shifted down to
-  // bits 0..3 and OR-ed into 128.0 (giving 128 + q), then 136 is subtracted (exact).
-  __device__ __forceinline__ static void dequant(uint32_t q, uint32_t (&out)[4]) {
-    constexpr uint32_t kLo = 0x000F000Fu, kExp = 0x43004300u;
-    constexpr uint32_t kOne = 0x3F803F80u;    // 1.0
-    constexpr uint32_t kMinus = 0xC308C308u;  // -136 = -(128 + 8)
-    const uint32_t v0 = and_or(q, kLo, kExp), v1 = and_or(q >> 4, kLo, kExp);
-    const uint32_t v2 = and_or(q >> 8, kLo, kExp), v3 = and_or(q >> 12, kLo, kExp);
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[0]) : "r"(v0), "r"(kOne), "r"(kMinus));
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[1]) : "r"(v1), "r"(kOne), "r"(kMinus));
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[2]) : "r"(v2), "r"(kOne), "r"(kMinus));
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(out[3]) : "r"(v3), "r"(kOne), "r"(kMinus));
-  }
+  // bits 0..3 and OR-ed into 128.0 (giving 128 + q), then 136 is subtracted (exact): dequant_keep keeping both.
+  __device__ __forceinline__ static void dequant(uint32_t q, uint32_t (&out)[4]) { dequant_keep(q, out, true, true); }
 
   __device__ __forceinline__ static uint32_t mul(uint32_t x, uint32_t y) {
     uint32_t d;
@@ -189,7 +179,7 @@ struct Traits<__nv_bfloat16> {
 
   // dequant with a 0/1 factor per column of the pair (the wgmma kernel's zero-scale mask): out[0], out[1]
   // (nibbles 0, 1, 4, 5: the fragment's first column) are multiplied by keep0, out[2], out[3] by keep1, at no
-  // cost (the same four FMAs: (128 + q) * keep - 136 * keep).
+  // cost (the same four FMAs: (128 + q) * keep - 136 * keep; 1.0 and -136 where kept).
   __device__ __forceinline__ static void dequant_keep(uint32_t q, uint32_t (&out)[4], bool keep0, bool keep1) {
     constexpr uint32_t kLo = 0x000F000Fu, kExp = 0x43004300u;
     const uint32_t one0 = keep0 ? 0x3F803F80u : 0u, one1 = keep1 ? 0x3F803F80u : 0u;

@@ -70,13 +70,17 @@ __global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid
   }
 }
 
-// The configuration a call with m rows of dtype runs: rows per block and consumer warpgroups (64-column strips)
-// per block. The smallest of 16, 32, 64, 128 rows that covers m with four warpgroups (two for bf16 at 128 rows,
-// which folds with two accumulator sets); above 128 rows, 256 rows with two.
+// Consumer warpgroups (64-column strips) of a row tile of mt rows: four, except two on the 256-row tile and on
+// bf16's 128-row tile when it folds (two accumulator sets need the 232 registers of two).
+constexpr int tile_warpgroups(int mt, bool fp16) {
+  return mt == 256 || (mt == 128 && !fp16 && kBf16FoldMaxRows >= 128) ? 2 : 4;
+}
+
+// The configuration a call with m rows of dtype runs: the smallest of 16, 32, 64, 128 rows per block that covers
+// m, above 128 rows 256, and that tile's warpgroups.
 void pick(int m, int dtype, int& mt, int& wg) {
   mt = m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256;
-  const bool fold128 = dtype != MARLIN_FP16 && kBf16FoldMaxRows >= 128;
-  wg = mt == 256 || (mt == 128 && fold128) ? 2 : 4;
+  wg = tile_warpgroups(mt, dtype == MARLIN_FP16);
 }
 
 Plan plan_for(int m, int n, int k, int mt, int wg, int sms) { return wgmma_plan(m, n, k, mt, wg, sms); }
@@ -156,7 +160,7 @@ int gemm_t(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
       return launch<T, 64, 4, 8>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms,
                                  pdl, stream);
     case 128:
-      return launch<T, 128, std::is_same<T, half>::value || kBf16FoldMaxRows < 128 ? 4 : 2, 8>(
+      return launch<T, 128, tile_warpgroups(128, std::is_same<T, half>::value), 8>(
           a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel, sms, pdl, stream);
     default:
       return launch<T, 256, 2, 6>(a, qweight, scales, c, scratch, scratch_bytes, m, n, k, lda, group, per_channel,

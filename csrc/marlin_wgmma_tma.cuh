@@ -95,8 +95,6 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
   using Tr = Traits<T>;
   using L = TmaLayout<MT, WG>;
   using C = TmaConfig<MT, WG, STAGES>;
-  // fp16: the wgmmas accumulate the 16-bit-scaled weights into acc. bf16: they accumulate the unscaled
-  // products into acc, which holds the running sum divided by the current group's scale (rescale()).
   constexpr bool kScaleA = std::is_same<T, half>::value;
   constexpr int kTileN = 64 * WG;
   constexpr int kAcc = MT / 2;  // accumulator registers per thread

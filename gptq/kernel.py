@@ -56,7 +56,7 @@ sizes), by device name substring ("" for any other sm_90 GPU). Sums over the fou
 wgmma / dense, each pair measured in one run with ``scripts/bench_kernel.py --paths wgmma dense``:
 - H100 80GB HBM3, the TMA wgmma kernel with whole-unit waves (2026-12-07, 19bef2c, one round): 7B 1024 rows
   614.1 / 735.5, 1536 rows 1023.0 / 1035.3, 2048 rows 1269.2 / 1405.3; 70B 1024 rows 2523.7 / 3063.9, 1536
-  rows 3913.6 / 4327.9, 2048 rows 5194.4 / 5780.3. The fused kernel wins at every size measured (1-11% at
+  rows 3913.6 / 4327.9, 2048 rows 5194.4 / 5780.3. The fused kernel wins at every size measured (1-10% at
   1536-2048 rows); dense costs cuBLAS plus a dequantization of fixed cost, so its deficit shrinks with m, and
   the threshold is 4096 rows, twice the largest size measured, until larger sizes are timed. (Before the
   waves, 92d1582: 7B 1536 rows 1077.4 / 1004.9, 70B 4988.2 / 4294.7, crossover near 1200 rows.)

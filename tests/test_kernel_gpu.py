@@ -297,8 +297,9 @@ def test_negative_scales_match_float64_reference(m: int, g: int, dtype: torch.dt
         assert raw < TOL, f"m={m} g={g} path={path}: {raw:.2e} vs the float64 product"
 
 
-# bf16 scales of any magnitude: the wgmma kernel keeps its fp32 sums in units of the current group's scale and
-# rescales them where a group ends (acc *= s_old / s_new), and masks out groups whose scale is zero. Columns at
+# bf16 scales of any magnitude: on its 256-row tile (m > 128: m = 200, 1300 here) the wgmma kernel keeps its fp32
+# sums in units of the current group's scale and rescales them where a group ends (acc *= s_old / s_new), and
+# masks out groups whose scale is zero; up to 128 rows (m = 1, 33) it folds group sums, as mma.sync does. Columns at
 # 2^-30, 1 and 2^20, groups within a column at 1 or 2^-12 of it or exactly zero, random signs; each column is
 # checked against the float64 product of the unpacked codes and scales (a column's error relative to its own
 # norm, so that the small columns count), with the same 1e-3 bound on the column-normalized whole and 1e-2 on

@@ -10,7 +10,9 @@
 //    4-row-block variant); bf16 folds fp32 group sums in with fp32 scales (two accumulator sets), so at 128
 //    rows it takes two consumer warpgroups (2 x 64 accumulators need the 232 registers of two).
 //  - m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two consumer warpgroups (232
-//    registers), 6 stages (37 KB each), both dtypes (bf16 rescales its one accumulator set where a group
+//    registers), 6 stages (37 KB each; the epilogue's warp buffers take the 4 KB left: 16 rows per pass; 5
+//    stages with 128-row passes were slower in round 9, their unrolled passes putting the accumulators on the
+//    stack), both dtypes (bf16 rescales its one accumulator set where a group
 //    ends). fp16: 2-11% faster than MT = 128 at m = 256 and 512 (H200); on the H100 128 x 256 tiles (four
 //    warpgroups) were 3-4% slower for fp16 (70B m = 1024: 1% faster) and 10-12% for bf16 at m = 256-1024
 //    (docs/kernel.md, round 8).
@@ -124,8 +126,11 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   }
   const Plan p = plan_for(m, n, k, MT, WG, sms);
   if (plan_scratch_bytes(p, k, MT, WG) > scratch_bytes) return MARLIN_ERR_SCRATCH;
-  if (launch_kernel(kernel, p.grid, C::kThreads, C::kSmem, stream, pdl, tm_a, tm_b, tm_s, c, scratch, m, n, k, group,
-                    per_channel, (m + MT - 1) / MT, p.splits, p.tiles_per_block) != cudaSuccess) {
+  // One block per SM at most; the launched blocks run the plan's blocks in turn (persistent: measured on the H100
+  // in round 9, 2-4% faster at m = 1024 than one launched block per plan block).
+  const int blocks = p.grid < sms ? p.grid : sms;
+  if (launch_kernel(kernel, blocks, C::kThreads, C::kSmem, stream, pdl, tm_a, tm_b, tm_s, c, scratch, m, n, k, group,
+                    per_channel, (m + MT - 1) / MT, p.splits, p.tiles_per_block, p.grid) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
   return launch_sum(p, scratch, c, m, n, k, MT, WG, pdl, stream);

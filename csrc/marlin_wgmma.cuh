@@ -201,13 +201,56 @@ __device__ __forceinline__ void scale_fold(float (&acc)[R], const float (&src)[R
   }
 }
 
-// The end of a block's segment of a unit (row tile m0.., column strip `strip` of the block's WG strips): the
-// sum goes to C (rounded to T) if the segment is the whole unit, else to the block's scratch slot `slot`
-// ([MT][64 WG] fp32, the warpgroup's 64 columns at wg 64). Rows past m are not written.
-template <typename T, int MT, int WG>
-__device__ __forceinline__ void store_segment(const float (&acc)[MT / 2], T* __restrict__ c, float* __restrict__ slot,
-                                              bool whole, int m, int n, int m0, int strip, int wg, int lane,
-                                              int col0) {
+// Store four 8 x 8 matrices of 16-bit elements transposed (stmatrix .trans): register i of this thread holds
+// elements (lane / 4, 2 (lane % 4) + {0, 1}) of matrix i in the mma C-fragment layout; lane 8 i + j gives the
+// shared address of row j of the stored transpose of matrix i (16 bytes).
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+// The end of a segment that is a whole unit: this warp's 16 columns of C (`col`: the first; rows m0.., rows past m
+// not written), ROWS rows at a time through the warp's own buffer `buf` in shared memory (ROWS x 32 bytes, 16-byte
+// chunk c of row r at chunk c ^ ((r / 4) % 2), so that neither the stmatrix writes nor the row reads conflict),
+// then 16-byte stores, two per row: each a whole 32-byte sector. Per thread 16 stmatrix and MT / 16 vector stores
+// for the MT / 2 2-byte stores that the fragments would take directly (each touching half of a sector); no
+// barrier but the warp's own.
+template <typename T, int MT, int ROWS>
+__device__ __forceinline__ void store_unit(const float (&acc)[MT / 2], T* __restrict__ c, uint32_t buf, int m, int n,
+                                          int m0, int col, int lane) {
+  static_assert(MT % ROWS == 0 && ROWS % 16 == 0, "passes of whole stmatrix.x4 (16 rows)");
+  const int j = lane & 7, i = lane >> 3;  // this lane addresses row j of matrix i: (q + i / 2, h = i % 2)
+#pragma unroll
+  for (int pass = 0; pass < MT / ROWS; ++pass) {
+#pragma unroll
+    for (int q = pass * ROWS / 8; q < (pass + 1) * ROWS / 8; q += 2) {
+      uint32_t r[4];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const int e0 = 4 * (q + mi / 2) + 2 * (mi % 2);
+        const typename Traits<T>::T2 v = Traits<T>::pack2(acc[e0], acc[e0 + 1]);
+        r[mi] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+      const int row = 8 * (q + i / 2) + j - pass * ROWS;
+      stmatrix_x4_trans(buf + row * 32 + (((i & 1) ^ (j >> 2)) << 4), r);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int it = 0; it < ROWS / 16; ++it) {
+      const int row = 16 * it + (lane >> 1), chunk = lane & 1, grow = m0 + pass * ROWS + row;
+      const uint4 v = lds128(buf + row * 32 + ((chunk ^ ((row >> 2) & 1)) << 4));
+      if (grow < m) *reinterpret_cast<uint4*>(c + static_cast<size_t>(grow) * n + col + chunk * 8) = v;
+    }
+    __syncwarp();  // the buffer is read before the next pass (or unit) writes it
+  }
+}
+
+// The end of a segment that is part of a unit: its fp32 sums to the block's scratch slot `slot` ([MT][64 WG]
+// fp32, the warpgroup's 64 columns at wg 64), for the segment-sum kernel. Rows past m are not written.
+template <int MT, int WG>
+__device__ __forceinline__ void store_partial(const float (&acc)[MT / 2], float* __restrict__ slot, int m, int m0,
+                                              int wg, int lane, int col0) {
   const int row0 = 2 * (lane & 3);
 #pragma unroll
   for (int q = 0; q < MT / 8; ++q)
@@ -216,14 +259,7 @@ __device__ __forceinline__ void store_segment(const float (&acc)[MT / 2], T* __r
       const int r = row0 + 8 * q + e;
       if (m0 + r < m) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float v = acc[4 * q + 2 * h + e];
-          if (whole) {
-            c[static_cast<size_t>(m0 + r) * n + strip * 64 + col0 + 8 * h] = Traits<T>::from_float(v);
-          } else {
-            slot[r * (64 * WG) + wg * 64 + col0 + 8 * h] = v;
-          }
-        }
+        for (int h = 0; h < 2; ++h) slot[r * (64 * WG) + wg * 64 + col0 + 8 * h] = acc[4 * q + 2 * h + e];
       }
     }
 }

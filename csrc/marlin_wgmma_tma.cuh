@@ -9,10 +9,14 @@
 // activations (MT rows x 64 k per stage, 128-byte swizzled) are the B operand, read by the tensor cores from
 // shared memory, so one wgmma covers 64 columns x MT rows x 16 k.
 //
-// A unit of work is MT rows (16, 32, 64, 128 or 256) x WG warpgroups' 64-column strips x all of k. A block
-// runs one part of a unit (split plan) or a run of consecutive k tiles across units (stream-k plan; see
-// marlin_plan.h); the fp32 sums of units that several blocks share go to scratch, and a second kernel adds
-// them in block order (deterministic, no state kept between launches, graph-safe).
+// A unit of work is MT rows (16, 32, 64, 128 or 256) x WG warpgroups' 64-column strips x all of k. A block of
+// the plan (marlin_plan.h) runs one part of a unit (split plan: a part or the whole unit) or a run of consecutive
+// k tiles across units (stream-k plan); the fp32 sums of units that several blocks share
+// go to scratch, and a second kernel adds them in block order (deterministic, no state kept between launches,
+// graph-safe). At most one block per SM is launched; each runs the plan's blocks blockIdx.x, + gridDim.x, ... in
+// turn, its producer filling the stages of the next while the consumers finish the last.
+//  - A whole unit's sums go to C through a small buffer per consumer warp (stmatrix, then 32-byte row pieces:
+//    store_unit); parts of units go to the block's scratch slots (store_partial).
 //  - One extra warpgroup, the producer, gives its registers to the consumers (setmaxnreg) and has one thread
 //    issue three tensor copies per 64-k tile (cp.async.bulk.tensor): the activations (box 64 k x MT rows,
 //    128-byte swizzle: the layout the wgmma B descriptor reads; rows past m come back as zeros), the codes
@@ -61,10 +65,20 @@ struct TmaLayout {
 // launch (a lone producer warp would cost as much: 9 warps put 3 on one scheduler). The producer warpgroup
 // drops to kProducer with setmaxnreg and the consumers take what it gave back (setmaxnreg.inc can take
 // nothing else: asking for more blocks forever). WG = 4: consumers 112 registers; WG = 2: 232.
+// Rows per pass of the whole-unit epilogue (store_unit, 32 bytes per row and consumer warp): all MT if the warps'
+// buffers fit beside the stages and barriers, else the largest power-of-two part of MT that fits (at least 16).
+constexpr int epilogue_rows(int mt, int warps, int room) {
+  int rows = mt;
+  while (rows > 16 && warps * rows * 32 > room) rows /= 2;
+  return rows;
+}
+
 template <int MT, int WG, int STAGES>
 struct TmaConfig {
   static constexpr int kThreads = 128 * (WG + 1);  // consumer warpgroups + the producer warpgroup
-  static constexpr int kBars = STAGES * TmaLayout<MT, WG>::kStage;  // the mbarriers follow the stages
+  static constexpr int kEpi = STAGES * TmaLayout<MT, WG>::kStage;  // the epilogue buffers follow the stages
+  static constexpr int kEpiRows = epilogue_rows(MT, 4 * WG, 227 * 1024 - kEpi - 2 * STAGES * 8);
+  static constexpr int kBars = kEpi + 4 * WG * kEpiRows * 32;  // then the mbarriers
   static constexpr int kSmem = kBars + 2 * STAGES * 8;
   static constexpr int kLaunch = 16384 / (32 * (WG + 1)) / 8 * 8;
   static constexpr int kProducer = WG >= 4 ? 24 : 40;
@@ -90,7 +104,8 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
                      int per_channel,                           // 1: scales use the per-channel permutation
                      int m_tiles,                               // row tiles: ceil(m / MT)
                      int splits,                                // split plan: k parts per unit; 0: stream-k
-                     int tiles_per_block) {                     // stream-k plan: k tiles of work per block
+                     int tiles_per_block,                       // stream-k plan: k tiles of work per block
+                     int vblocks) {                             // the plan's blocks (>= gridDim.x)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = Traits<T>;
   using L = TmaLayout<MT, WG>;
@@ -109,11 +124,10 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
   const int k_tiles = k / kTileK;
   const int n_strips = n / 64;
   // Work: unit u = (row tile u % m_tiles, column block u / m_tiles), row tile fastest so that the blocks
-  // reading the same weights run together; work item w = u * k_tiles + k tile.
-  const WorkRange range = work_range(blockIdx.x, splits, tiles_per_block, k_tiles,
-                                     m_tiles * ((n + kTileN - 1) / kTileN) * k_tiles);
-  const int w0 = range.w0, w1 = range.w1;
-  const int first_unit = w0 / k_tiles;
+  // reading the same weights run together; work item w = u * k_tiles + k tile. The plan's blocks ("virtual
+  // blocks" vb) are run by the launched ones in turn (vb = blockIdx.x + i gridDim.x), so that the producer
+  // fills the next one's stages while the consumers finish the last.
+  const int total = m_tiles * ((n + kTileN - 1) / kTileN) * k_tiles;
   const bool group32 = !per_channel && group == 32;
 
   const uint32_t sh = smem_addr(smem);
@@ -137,19 +151,22 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       prefetch_tensormap(&tm_s);
       const uint32_t bytes = L::kA + L::kB + (group32 ? 2 : 1) * kTileN * 2;
       const int group_shift = per_channel ? 31 : __ffs(group) - 1;  // scale row of k row r: r >> group_shift
-      int f_u = first_unit, f_kt = w0 - first_unit * k_tiles;
-      int stage = 0;
+      int stage = 0, j = 0;
       uint32_t phase = 0;
-      for (int j = 0; j < w1 - w0; ++j) {
-        if (j >= STAGES) mbar_wait(empty0 + 8 * stage, phase ^ 1u);  // the consumers released its last fill
-        const uint32_t base = sh + stage * L::kStage, bar = full0 + 8 * stage;
-        mbar_arrive_expect_tx(bar, bytes);
-        const int m0 = (f_u % m_tiles) * MT, col = (f_u / m_tiles) * kTileN;
-        tma_load_2d(base, &tm_a, f_kt * kTileK, m0, bar);
-        tma_load_2d(base + L::kA, &tm_b, col, f_kt * 4, bar);
-        tma_load_2d(base + L::kA + L::kB, &tm_s, col, group32 ? 2 * f_kt : (f_kt * kTileK) >> group_shift, bar);
-        if (++f_kt == k_tiles) f_kt = 0, ++f_u;
-        if (++stage == STAGES) stage = 0, phase ^= 1u;
+      for (int vb = blockIdx.x; vb < vblocks; vb += gridDim.x) {
+        const WorkRange range = work_range(vb, splits, tiles_per_block, k_tiles, total);
+        int f_u = range.w0 / k_tiles, f_kt = range.w0 - f_u * k_tiles;
+        for (int w = range.w0; w < range.w1; ++w, ++j) {
+          if (j >= STAGES) mbar_wait(empty0 + 8 * stage, phase ^ 1u);  // the consumers released its last fill
+          const uint32_t base = sh + stage * L::kStage, bar = full0 + 8 * stage;
+          mbar_arrive_expect_tx(bar, bytes);
+          const int m0 = (f_u % m_tiles) * MT, col = (f_u / m_tiles) * kTileN;
+          tma_load_2d(base, &tm_a, f_kt * kTileK, m0, bar);
+          tma_load_2d(base + L::kA, &tm_b, col, f_kt * 4, bar);
+          tma_load_2d(base + L::kA + L::kB, &tm_s, col, group32 ? 2 * f_kt : (f_kt * kTileK) >> group_shift, bar);
+          if (++f_kt == k_tiles) f_kt = 0, ++f_u;
+          if (++stage == STAGES) stage = 0, phase ^= 1u;
+        }
       }
     }
     return;
@@ -227,142 +244,151 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
   int held = -1;  // stage of the tile whose wgmmas may still be in flight (not yet released)
   float ps0 = 0.f, ps1 = 0.f;  // kFold: the fp32 scales of the group sum in grp
   const int tiles_per_group = per_channel ? k_tiles : group32 ? 1 : group / kTileK;
-  int u = first_unit, kt = w0 - first_unit * k_tiles;
-  for (int w = w0; w < w1; ++u) {
-    const int seg_kt0 = kt;
-    const int seg_w1 = min(w1, (u + 1) * k_tiles);
-    bool fresh = true;     // the next wgmma starts a new sum (scale-d = 0)
-    bool pending = false;  // kFold: grp holds a finished group not yet folded
-    for (; w < seg_w1; ++w, ++kt) {
-      mbar_wait(full0 + 8 * stage, phase);
-      const uint32_t base = sh + stage * L::kStage;
-      // kEarly (256 rows, 232 registers): this tile's codes are dequantized and its scales read while the
-      // previous tile's wgmmas still run; only the scale products, which write the A registers, wait for
-      // them. (bf16, and fp16 per channel, apply no scales to the weights; kEarly then multiplies by 1.0, so
-      // that the A registers are always written after the wait: ptxas serializes the wgmmas if the
-      // dequantization writes them.)
-      constexpr bool kEarly = MT == 256;
-      uint32_t wq[4][4];  // dequantized q - 8 pairs, one set per k16 step
-      constexpr uint32_t kOnePair = kScaleA ? 0x3C003C00u : 0x3F803F80u;  // 1.0, 1.0 in T
-      uint32_t s0p = kOnePair, s1p = kOnePair, s0q = kOnePair, s1q = kOnePair;
-      // kRescale: a tile that starts a group reads the group's scales and factors before the wait, so that only
-      // the multiplication of acc follows it; zp/zq: the zero flags of its k16 steps 0-1 and (g32) 2-3.
-      const bool enters = fresh || group32 || kt % tiles_per_group == 0;
-      bool zp0 = z0, zp1 = z1, zq0 = false, zq1 = false;
-      float r0 = 1.f, r1 = 1.f, rq0 = 1.f, rq1 = 1.f;
-      if constexpr (kRescale) {
-        if (enters) next_group(stage, 0, fresh, r0, r1, zp0, zp1);
-        if (group32) next_group(stage, 1, false, rq0, rq1, zq0, zq1);
-      }
-      auto load_tile = [&]() {
+  for (int vb = blockIdx.x; vb < vblocks; vb += gridDim.x) {
+    const WorkRange range = work_range(vb, splits, tiles_per_block, k_tiles, total);
+    const int w0 = range.w0, w1 = range.w1;
+    const int first_unit = w0 / k_tiles;
+    int u = first_unit, kt = w0 - first_unit * k_tiles;
+    for (int w = w0; w < w1; ++u) {
+      const int seg_kt0 = kt;
+      const int seg_w1 = min(w1, (u + 1) * k_tiles);
+      bool fresh = true;     // the next wgmma starts a new sum (scale-d = 0)
+      bool pending = false;  // kFold: grp holds a finished group not yet folded
+      for (; w < seg_w1; ++w, ++kt) {
+        mbar_wait(full0 + 8 * stage, phase);
+        const uint32_t base = sh + stage * L::kStage;
+        // kEarly (256 rows, 232 registers): this tile's codes are dequantized and its scales read while the
+        // previous tile's wgmmas still run; only the scale products, which write the A registers, wait for
+        // them. (bf16, and fp16 per channel, apply no scales to the weights; kEarly then multiplies by 1.0, so
+        // that the A registers are always written after the wait: ptxas serializes the wgmmas if the
+        // dequantization writes them.)
+        constexpr bool kEarly = MT == 256;
+        uint32_t wq[4][4];  // dequantized q - 8 pairs, one set per k16 step
+        constexpr uint32_t kOnePair = kScaleA ? 0x3C003C00u : 0x3F803F80u;  // 1.0, 1.0 in T
+        uint32_t s0p = kOnePair, s1p = kOnePair, s0q = kOnePair, s1q = kOnePair;
+        // kRescale: a tile that starts a group reads the group's scales and factors before the wait, so that only
+        // the multiplication of acc follows it; zp/zq: the zero flags of its k16 steps 0-1 and (g32) 2-3.
+        const bool enters = fresh || group32 || kt % tiles_per_group == 0;
+        bool zp0 = z0, zp1 = z1, zq0 = false, zq1 = false;
+        float r0 = 1.f, r1 = 1.f, rq0 = 1.f, rq1 = 1.f;
+        if constexpr (kRescale) {
+          if (enters) next_group(stage, 0, fresh, r0, r1, zp0, zp1);
+          if (group32) next_group(stage, 1, false, rq0, rq1, zq0, zq1);
+        }
+        auto load_tile = [&]() {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint32_t word = lds32(base + w_off + 512 * WG * i);
-          if constexpr (kRescale) {
-            const bool second = group32 && i >= 2;
-            Tr::dequant_keep(word, wq[i], !(second ? zq0 : zp0), !(second ? zq1 : zp1));
-          } else {
-            Tr::dequant(word, wq[i]);
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t word = lds32(base + w_off + 512 * WG * i);
+            if constexpr (kRescale) {
+              const bool second = group32 && i >= 2;
+              Tr::dequant_keep(word, wq[i], !(second ? zq0 : zp0), !(second ? zq1 : zp1));
+            } else {
+              Tr::dequant(word, wq[i]);
+            }
           }
-        }
-        if (kScaleA && !per_channel) {
-          uint16_t h0, h1;
-          load_scales(stage, 0, h0, h1);
-          s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
-          if (group32) {
-            load_scales(stage, 1, h0, h1);
-            s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
+          if (kScaleA && !per_channel) {
+            uint16_t h0, h1;
+            load_scales(stage, 0, h0, h1);
+            s0p = h0 * 0x10001u, s1p = h1 * 0x10001u;
+            if (group32) {
+              load_scales(stage, 1, h0, h1);
+              s0q = h0 * 0x10001u, s1q = h1 * 0x10001u;
+            }
           }
-        }
-      };
-      if constexpr (kEarly) load_tile();
-      wgmma_wait<0>();
-      fence_d();
-      if (kFold && pending) {  // the previous tile closed a group
-        scale_fold<true>(acc, grp, ps0, ps1);
-        fresh = true;
-      }
-      if (kRescale && enters && !fresh) scale_fold<false>(acc, acc, r0, r1);
-      // The previous tile's wgmmas are complete: its stage goes back to the producer.
-      if (held >= 0 && lane == 0) mbar_arrive(empty0 + 8 * held);
-      if constexpr (!kEarly) load_tile();
-      uint32_t af[4][4];  // this tile's A fragments, one per k16 step
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (kEarly || (kScaleA && !per_channel)) {
-          const bool second = group32 && i >= 2;
-          const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
-          af[i][0] = Tr::mul(wq[i][0], s0), af[i][1] = Tr::mul(wq[i][2], s1);
-          af[i][2] = Tr::mul(wq[i][1], s0), af[i][3] = Tr::mul(wq[i][3], s1);
-        } else {
-          af[i][0] = wq[i][0], af[i][1] = wq[i][2], af[i][2] = wq[i][1], af[i][3] = wq[i][3];
-        }
-      }
-      const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
-      wgmma_fence();
-      if (!kScaleA && group32) {  // two groups per tile: the move to the second is made mid-tile
-        mma(af[0], desc, kFold || fresh ? 0 : 1);
-        mma(af[1], desc + 2, 1);
-        wgmma_commit();
+        };
+        if constexpr (kEarly) load_tile();
         wgmma_wait<0>();
         fence_d();
-        if constexpr (kFold) {
-          float s0, s1;
-          scale_floats(stage, 0, s0, s1);
-          scale_fold<true>(acc, grp, s0, s1);
-        } else {
-          scale_fold<false>(acc, acc, rq0, rq1);
+        if (kFold && pending) {  // the previous tile closed a group
+          scale_fold<true>(acc, grp, ps0, ps1);
+          fresh = true;
         }
+        if (kRescale && enters && !fresh) scale_fold<false>(acc, acc, r0, r1);
+        // The previous tile's wgmmas are complete: its stage goes back to the producer.
+        if (held >= 0 && lane == 0) mbar_arrive(empty0 + 8 * held);
+        if constexpr (!kEarly) load_tile();
+        uint32_t af[4][4];  // this tile's A fragments, one per k16 step
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (kEarly || (kScaleA && !per_channel)) {
+            const bool second = group32 && i >= 2;
+            const uint32_t s0 = second ? s0q : s0p, s1 = second ? s1q : s1p;
+            af[i][0] = Tr::mul(wq[i][0], s0), af[i][1] = Tr::mul(wq[i][2], s1);
+            af[i][2] = Tr::mul(wq[i][1], s0), af[i][3] = Tr::mul(wq[i][3], s1);
+          } else {
+            af[i][0] = wq[i][0], af[i][1] = wq[i][2], af[i][2] = wq[i][1], af[i][3] = wq[i][3];
+          }
+        }
+        const uint64_t desc = smem_desc_k128(base);  // + 2 per k16 step (32 bytes, in 16-byte units)
         wgmma_fence();
-        mma(af[2], desc + 4, kFold ? 0 : 1);
-        mma(af[3], desc + 6, 1);
-        wgmma_commit();
-        if constexpr (kFold) {
-          scale_floats(stage, 1, ps0, ps1);
-          pending = true;
-        }
-      } else {
+        if (!kScaleA && group32) {  // two groups per tile: the move to the second is made mid-tile
+          mma(af[0], desc, kFold || fresh ? 0 : 1);
+          mma(af[1], desc + 2, 1);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_d();
+          if constexpr (kFold) {
+            float s0, s1;
+            scale_floats(stage, 0, s0, s1);
+            scale_fold<true>(acc, grp, s0, s1);
+          } else {
+            scale_fold<false>(acc, acc, rq0, rq1);
+          }
+          wgmma_fence();
+          mma(af[2], desc + 4, kFold ? 0 : 1);
+          mma(af[3], desc + 6, 1);
+          wgmma_commit();
+          if constexpr (kFold) {
+            scale_floats(stage, 1, ps0, ps1);
+            pending = true;
+          }
+        } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) mma(af[i], desc + 2 * i, fresh && i == 0 ? 0 : 1);
-        wgmma_commit();
-        if constexpr (kFold) {
-          scale_floats(stage, 0, ps0, ps1);  // the group (or channel) of this tile
-          pending = (kt + 1) % tiles_per_group == 0;
+          for (int i = 0; i < 4; ++i) mma(af[i], desc + 2 * i, fresh && i == 0 ? 0 : 1);
+          wgmma_commit();
+          if constexpr (kFold) {
+            scale_floats(stage, 0, ps0, ps1);  // the group (or channel) of this tile
+            pending = (kt + 1) % tiles_per_group == 0;
+          }
         }
+        fence_d();
+        held = stage;
+        fresh = false;
+        if (++stage == STAGES) stage = 0, phase ^= 1u;
       }
+      if (w == w1 && vb + static_cast<int>(gridDim.x) >= vblocks) launch_dependents();
+      wgmma_wait<0>();
       fence_d();
-      held = stage;
-      fresh = false;
-      if (++stage == STAGES) stage = 0, phase ^= 1u;
-    }
-    if (w == w1) launch_dependents();
-    wgmma_wait<0>();
-    fence_d();
-    if constexpr (kScaleA) {
-      if (per_channel) {  // acc = scale * acc, with the scales of the last tile's stage (row 0)
-        float s0, s1;
-        scale_floats(held, 0, s0, s1);
-        scale_fold<false>(acc, acc, s0, s1);
+      if constexpr (kScaleA) {
+        if (per_channel) {  // acc = scale * acc, with the scales of the last tile's stage (row 0)
+          float s0, s1;
+          scale_floats(held, 0, s0, s1);
+          scale_fold<false>(acc, acc, s0, s1);
+        }
+      } else if constexpr (kFold) {
+        scale_fold<true>(acc, grp, ps0, ps1);  // the last group (complete or cut by the segment's end)
+      } else {
+        scale_fold<false>(acc, acc, cs0, cs1);  // the sum, from units of the last group's scales
       }
-    } else if constexpr (kFold) {
-      scale_fold<true>(acc, grp, ps0, ps1);  // the last group (complete or cut by the segment's end)
-    } else {
-      scale_fold<false>(acc, acc, cs0, cs1);  // the sum, from units of the last group's scales
-    }
-    if (lane == 0) mbar_arrive(empty0 + 8 * held);
-    held = -1;
-    // The segment's sum to C (the whole unit) or to this block's scratch slot (0: its first unit, 1: its last).
-    const int strip = (u / m_tiles) * WG + wg;
-    if (strip < n_strips) {  // uniform over the warpgroup
-      float* slot = scratch + (static_cast<size_t>(blockIdx.x) * 2 + (u == first_unit ? 0 : 1)) * (MT * kTileN);
-      store_segment<T, MT, WG>(acc, c, slot, seg_kt0 == 0 && kt == k_tiles, m, n, (u % m_tiles) * MT, strip, wg,
-                               lane, col0);
-    }
-    if constexpr (kFold) {  // (otherwise the next segment's first wgmma overwrites acc)
+      if (lane == 0) mbar_arrive(empty0 + 8 * held);
+      held = -1;
+      // The segment's sum to C (the whole unit) or to this block's scratch slot (0: its first unit, 1: its last).
+      const int strip = (u / m_tiles) * WG + wg;
+      if (strip < n_strips) {  // uniform over the warpgroup
+        if (seg_kt0 == 0 && kt == k_tiles) {
+          store_unit<T, MT, C::kEpiRows>(acc, c, sh + C::kEpi + (tid >> 5) * (C::kEpiRows * 32), m, n,
+                                         (u % m_tiles) * MT, strip * 64 + 16 * warp, lane);
+        } else {
+          float* slot = scratch + (static_cast<size_t>(vb) * 2 + (u == first_unit ? 0 : 1)) * (MT * kTileN);
+          store_partial<MT, WG>(acc, slot, m, (u % m_tiles) * MT, wg, lane, col0);
+        }
+      }
+      if constexpr (kFold) {  // (otherwise the next segment's first wgmma overwrites acc)
 #pragma unroll
-      for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+        for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+      }
+      kt = 0;
     }
-    kt = 0;
   }
 #else
   __trap();  // launched only when compiled() (sm_90a code present)

@@ -50,16 +50,16 @@ rows on: the mma.sync kernel handles 64 fp16 rows (32 bf16 rows) per pass over t
 H100 it beats dequantize + cuBLAS up to 128 rows and loses at 256 (Llama-2-7B shapes). bf16 inputs always
 use a fused kernel: rounding the dequantized weights to bf16 costs about 2e-3 relative error, above the
 1e-3 the fused kernels meet."""
-DENSE_MIN_ROWS_WGMMA = {"H100": 4096, "": 1024}
+DENSE_MIN_ROWS_WGMMA = {"H100": 6144, "": 1024}
 """With the wgmma kernels (sm_90), fp16 inputs use dequantize + cuBLAS from this many rows on (prompt prefill
 sizes), by device name substring ("" for any other sm_90 GPU). Sums over the four Llama-2 layers, g128, us,
-wgmma / dense, each pair measured in one run with ``scripts/bench_kernel.py --paths wgmma dense``:
-- H100 80GB HBM3, the TMA wgmma kernel with whole-unit waves (2026-12-07, 19bef2c, one round): 7B 1024 rows
-  614.1 / 735.5, 1536 rows 1023.0 / 1035.3, 2048 rows 1269.2 / 1405.3; 70B 1024 rows 2523.7 / 3063.9, 1536
-  rows 3913.6 / 4327.9, 2048 rows 5194.4 / 5780.3. The fused kernel wins at every size measured (1-10% at
-  1536-2048 rows); dense costs cuBLAS plus a dequantization of fixed cost, so its deficit shrinks with m, and
-  the threshold is 4096 rows, twice the largest size measured, until larger sizes are timed. (Before the
-  waves, 92d1582: 7B 1536 rows 1077.4 / 1004.9, 70B 4988.2 / 4294.7, crossover near 1200 rows.)
+wgmma / dense, each pair measured in one run with ``scripts/bench_kernel.py --paths wgmma dense --rounds 1``:
+- H100 80GB HBM3, the TMA wgmma kernel with persistent blocks and the stmatrix epilogue (2026-12-07, round 9,
+  one round): 7B 2048 rows 1147.5 / 1367.0, 4096 rows 2562.2 / 2646.3, 6144 rows 3924.6 / 3872.8, 8192 rows
+  5290.3 / 5064.2; 70B 2048 rows 5163.7 / 5713.7, 4096 rows 10390.8 / 10724.3, 6144 rows 15795.0 / 16045.2,
+  8192 rows 24288.2 / 21086.7. The fused kernel wins up to 4096 rows (3-16%), 6144 rows is a tie (7B dense
+  1.3% faster, 70B fused 1.6%), dense wins at 8192 (4%, 13%): the threshold is 6144. (Round 8, before the
+  persistent blocks: fused faster to 2048 rows; 92d1582, before the waves: crossover near 1200 rows.)
 - H200, the cp.async wgmma kernel before the TMA producer (round 4): 7B 768 rows 582.9 / 565.0, 1024 rows
   787.7 / 737.1, 1536 rows 1208.6 / 1043.9; 70B 768 rows 2310.3 / 2590.9, 1024 rows 3149.0 / 3117.2; kept
   at 1024 for GPUs other than the H100 until the TMA kernel is measured there (on the H100 it and the waves

@@ -136,6 +136,17 @@ def test_more_rows_than_a_grid_dimension(dtype: torch.dtype) -> None:
     _check(70000, 192, 128, 64, dtype, path=kernel.PATH_FUSED)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("g", (32, 128, -1))
+def test_blocks_that_run_several_units(g: int, dtype: torch.dtype) -> None:
+    """m = 1100, k = 1024, n = 22016: 5 row tiles of 256 (the last one partial) x 172 column blocks = 860 whole
+    units in waves >= 85% full on 114-132 SMs, so each launched block of the wgmma kernel runs 6-8 units one
+    after the other (the producer filling the next unit's stages while the consumers store the last)."""
+    if not kernel.wgmma_available():
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
+    _check(1100, 1024, 22016, g, dtype, path=kernel.PATH_WGMMA)
+
+
 FORCED_SHAPES = ((576, 192), (1344, 448), (4096, 1088))
 
 

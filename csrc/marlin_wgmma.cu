@@ -11,8 +11,8 @@
 //    rows it takes two consumer warpgroups (2 x 64 accumulators need the 232 registers of two).
 //  - m > 128: MT = 256 (m64n256k16 wgmmas, 128 accumulators per thread) with two consumer warpgroups (232
 //    registers), 6 stages (37 KB each; the epilogue's warp buffers take the 4 KB left: 16 rows per pass; 5
-//    stages with 128-row passes were slower in round 9, their unrolled passes putting the accumulators on the
-//    stack), both dtypes (bf16 rescales its one accumulator set where a group
+//    stages with 128-row passes were 30-40% slower in round 9: nvcc left that pass loop rolled and put the
+//    accumulators on the stack), both dtypes (bf16 rescales its one accumulator set where a group
 //    ends). fp16: 2-11% faster than MT = 128 at m = 256 and 512 (H200); on the H100 128 x 256 tiles (four
 //    warpgroups) were 3-4% slower for fp16 (70B m = 1024: 1% faster) and 10-12% for bf16 at m = 256-1024
 //    (docs/kernel.md, round 8).

@@ -213,8 +213,8 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
 // The end of a segment that is a whole unit: this warp's 16 columns of C (`col`: the first; rows m0.., rows past m
 // not written), ROWS rows at a time through the warp's own buffer `buf` in shared memory (ROWS x 32 bytes, 16-byte
 // chunk c of row r at chunk c ^ ((r / 4) % 2), so that neither the stmatrix writes nor the row reads conflict),
-// then 16-byte stores, two per row: each a whole 32-byte sector. Per thread 16 stmatrix and MT / 16 vector stores
-// for the MT / 2 2-byte stores that the fragments would take directly (each touching half of a sector); no
+// then 16-byte stores, two per row: each a whole 32-byte sector. Per thread MT / 16 stmatrix and MT / 16 vector
+// stores for the MT / 2 2-byte stores that the fragments would take directly (each touching half of a sector); no
 // barrier but the warp's own.
 template <typename T, int MT, int ROWS>
 __device__ __forceinline__ void store_unit(const float (&acc)[MT / 2], T* __restrict__ c, uint32_t buf, int m, int n,

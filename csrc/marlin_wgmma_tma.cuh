@@ -76,15 +76,17 @@ constexpr int epilogue_rows(int mt, int warps, int room) {
 template <int MT, int WG, int STAGES>
 struct TmaConfig {
   static constexpr int kThreads = 128 * (WG + 1);  // consumer warpgroups + the producer warpgroup
+  static constexpr int kSmemMax = 227 * 1024;  // shared memory of one block on sm_90
+  static constexpr int kBarBytes = 2 * STAGES * 8;  // the full and empty mbarriers
   static constexpr int kEpi = STAGES * TmaLayout<MT, WG>::kStage;  // the epilogue buffers follow the stages
-  static constexpr int kEpiRows = epilogue_rows(MT, 4 * WG, 227 * 1024 - kEpi - 2 * STAGES * 8);
+  static constexpr int kEpiRows = epilogue_rows(MT, 4 * WG, kSmemMax - kEpi - kBarBytes);
   static constexpr int kBars = kEpi + 4 * WG * kEpiRows * 32;  // then the mbarriers
-  static constexpr int kSmem = kBars + 2 * STAGES * 8;
+  static constexpr int kSmem = kBars + kBarBytes;
   static constexpr int kLaunch = 16384 / (32 * (WG + 1)) / 8 * 8;
   static constexpr int kProducer = WG >= 4 ? 24 : 40;
   static constexpr int kConsumer = (kLaunch * (WG + 1) - kProducer) / WG / 8 * 8;
   static_assert(kConsumer <= 256 && kProducer + kConsumer * WG <= kLaunch * (WG + 1), "register split");
-  static_assert(kSmem <= 227 * 1024, "shared memory of one block");
+  static_assert(kSmem <= kSmemMax, "shared memory of one block");
 };
 
 template <typename T,  // half or __nv_bfloat16: element type of A, scales and C

@@ -34,8 +34,9 @@ namespace sm90 {
 // C over the units that more than one block worked on: the sum of their blocks' segments in block order
 // (deterministic: the order depends only on the plan). Four columns per thread, rows blockIdx.y + i gridDim.y.
 template <typename T>
-__global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid, 2, mt, tile_n] segment sums
+__global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid - dp_units, 2, mt, tile_n] sums
                                     T* __restrict__ c,                  // [m, n] output
+                                    int col_begin,                      // first column of a cut unit
                                     int m,                              // rows
                                     int n,                              // columns, multiple of 64
                                     int mt,                             // rows per unit (the kernel's MT)
@@ -43,18 +44,19 @@ __global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid
                                     int m_tiles,                        // row tiles: ceil(m / mt)
                                     int k_tiles,                        // k / 64
                                     int splits,                         // the gemm launch's split plan, or 0
-                                    int tiles_per_block) {              // its stream-k run
+                                    int tiles_per_block,                // its stream-k run
+                                    int dp_units) {                     // its whole units first
   using T2 = typename Traits<T>::T2;
   grid_dependency_wait();  // the gemm kernel's segment sums
   launch_dependents();
-  const int col = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+  const int col = col_begin + 4 * (blockIdx.x * blockDim.x + threadIdx.x);
   if (col >= n) return;
   const int nb = col / tile_n;
   const size_t slot_size = static_cast<size_t>(mt) * tile_n;
   for (int row = blockIdx.y; row < m; row += gridDim.y) {
     const int u = nb * m_tiles + row / mt, w_first = u * k_tiles;  // the unit and its first work item
     int b0 = 0, count = 0;
-    unit_blocks(u, k_tiles, splits, tiles_per_block, b0, count);
+    unit_blocks(u, k_tiles, splits, tiles_per_block, b0, count, dp_units);
     if (count == 1) continue;  // one block ran the whole unit and wrote C
     const int b1 = b0 + count - 1;
     // Block b holds the unit in slot 0 if the unit is its first (b starts inside it), else in slot 1
@@ -62,8 +64,9 @@ __global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid
     const float* src = scratch + (row % mt) * tile_n + (col - nb * tile_n);
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int b = b0; b <= b1; ++b) {
-      const int slot = splits > 0 || b * tiles_per_block >= w_first ? 0 : 1;
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(src + (static_cast<size_t>(b) * 2 + slot) * slot_size));
+      const int slot = splits > 0 || dp_units * k_tiles + (b - dp_units) * tiles_per_block >= w_first ? 0 : 1;
+      const float4 v =
+          __ldcg(reinterpret_cast<const float4*>(src + (static_cast<size_t>(b - dp_units) * 2 + slot) * slot_size));
       s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
     }
     T* out = c + static_cast<size_t>(row) * n + col;
@@ -88,7 +91,7 @@ void pick(int m, int dtype, int& mt, int& wg) {
 Plan plan_for(int m, int n, int k, int mt, int wg, int sms) { return wgmma_plan(m, n, k, mt, wg, sms); }
 
 size_t plan_scratch_bytes(const Plan& p, int k, int mt, int wg) {
-  return plan_cuts(p, k / kTileK) ? static_cast<size_t>(p.grid) * 2 * mt * 64 * wg * sizeof(float) : 0;
+  return plan_cuts(p, k / kTileK) ? static_cast<size_t>(p.grid - p.dp_units) * 2 * mt * 64 * wg * sizeof(float) : 0;
 }
 
 // The segment sums of the units that several blocks shared, when the plan cut any.
@@ -96,10 +99,12 @@ template <typename T>
 int launch_sum(const Plan& p, float* scratch, T* c, int m, int n, int k, int mt, int wg, bool pdl,
                cudaStream_t stream) {
   if (!plan_cuts(p, k / kTileK)) return MARLIN_OK;
-  const int threads = 128;
-  const dim3 grid((n / 4 + threads - 1) / threads, m < 65535 ? m : 65535);
-  return launch_kernel(sum_segments_kernel<T>, grid, threads, 0, stream, pdl, static_cast<const float*>(scratch), c, m,
-                       n, mt, 64 * wg, (m + mt - 1) / mt, k / kTileK, p.splits, p.tiles_per_block) == cudaSuccess
+  const int threads = 128, m_tiles = (m + mt - 1) / mt;
+  const int col_begin = first_cut_unit(p) / m_tiles * 64 * wg;  // the columns of the units that blocks share
+  const dim3 grid(((n - col_begin) / 4 + threads - 1) / threads, m < 65535 ? m : 65535);
+  return launch_kernel(sum_segments_kernel<T>, grid, threads, 0, stream, pdl, static_cast<const float*>(scratch), c,
+                       col_begin, m, n, mt, 64 * wg, m_tiles, k / kTileK, p.splits, p.tiles_per_block,
+                       p.dp_units) == cudaSuccess
              ? MARLIN_OK
              : MARLIN_ERR_LAUNCH;
 }
@@ -130,7 +135,7 @@ int launch(const T* a, const int4* qweight, const T* scales, T* c, float* scratc
   // in round 9, 2-4% faster at m = 1024 than one launched block per plan block).
   const int blocks = p.grid < sms ? p.grid : sms;
   if (launch_kernel(kernel, blocks, C::kThreads, C::kSmem, stream, pdl, tm_a, tm_b, tm_s, c, scratch, m, n, k, group,
-                    per_channel, (m + MT - 1) / MT, p.splits, p.tiles_per_block, p.grid) != cudaSuccess) {
+                    per_channel, (m + MT - 1) / MT, p.splits, p.tiles_per_block, p.grid, p.dp_units) != cudaSuccess) {
     return MARLIN_ERR_LAUNCH;
   }
   return launch_sum(p, scratch, c, m, n, k, MT, WG, pdl, stream);

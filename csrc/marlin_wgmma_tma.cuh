@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
                      const __grid_constant__ CUtensorMap tm_b,  // codes [k/16, n] 8-byte words, box 64 WG x 4
                      const __grid_constant__ CUtensorMap tm_s,  // scales [rows, n], box 64 WG x (1 or 2)
                      T* __restrict__ c,                         // [m, n] output
-                     float* __restrict__ scratch,               // [grid, 2, MT, 64 * WG] fp32 partial sums
+                     float* __restrict__ scratch,               // [grid - dp_units, 2, MT, 64 WG] fp32 partial sums
                      int m,                                     // rows of A and C
                      int n,                                     // columns of C, multiple of 64
                      int k,                                     // depth, multiple of 64
@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
                      int m_tiles,                               // row tiles: ceil(m / MT)
                      int splits,                                // split plan: k parts per unit; 0: stream-k
                      int tiles_per_block,                       // stream-k plan: k tiles of work per block
-                     int vblocks) {                             // the plan's blocks (>= gridDim.x)
+                     int vblocks,                               // the plan's blocks (>= gridDim.x)
+                     int dp_units) {                            // its whole units before the stream-k runs
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = Traits<T>;
   using L = TmaLayout<MT, WG>;
@@ -156,7 +157,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
       int stage = 0, j = 0;
       uint32_t phase = 0;
       for (int vb = blockIdx.x; vb < vblocks; vb += gridDim.x) {
-        const WorkRange range = work_range(vb, splits, tiles_per_block, k_tiles, total);
+        const WorkRange range = work_range(vb, splits, tiles_per_block, k_tiles, total, dp_units);
         int f_u = range.w0 / k_tiles, f_kt = range.w0 - f_u * k_tiles;
         for (int w = range.w0; w < range.w1; ++w, ++j) {
           if (j >= STAGES) mbar_wait(empty0 + 8 * stage, phase ^ 1u);  // the consumers released its last fill
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
   float ps0 = 0.f, ps1 = 0.f;  // kFold: the fp32 scales of the group sum in grp
   const int tiles_per_group = per_channel ? k_tiles : group32 ? 1 : group / kTileK;
   for (int vb = blockIdx.x; vb < vblocks; vb += gridDim.x) {
-    const WorkRange range = work_range(vb, splits, tiles_per_block, k_tiles, total);
+    const WorkRange range = work_range(vb, splits, tiles_per_block, k_tiles, total, dp_units);
     const int w0 = range.w0, w1 = range.w1;
     const int first_unit = w0 / k_tiles;
     int u = first_unit, kt = w0 - first_unit * k_tiles;
@@ -381,7 +382,7 @@ __global__ void __launch_bounds__(128 * (WG + 1), 1)
           store_unit<T, MT, C::kEpiRows>(acc, c, sh + C::kEpi + (tid >> 5) * (C::kEpiRows * 32), m, n,
                                          (u % m_tiles) * MT, strip * 64 + 16 * warp, lane);
         } else {
-          float* slot = scratch + (static_cast<size_t>(vb) * 2 + (u == first_unit ? 0 : 1)) * (MT * kTileN);
+          float* slot = scratch + (static_cast<size_t>(vb - dp_units) * 2 + (u == first_unit ? 0 : 1)) * (MT * kTileN);
           store_partial<MT, WG>(acc, slot, m, (u % m_tiles) * MT, wg, lane, col0);
         }
       }

@@ -21,15 +21,16 @@ int main() {
   while (std::scanf("%d %d %d %d %d %d", &m, &n, &k, &mt, &wg, &slots) == 6) {
     const marlin::Plan p = marlin::wgmma_plan(m, n, k, mt, wg, slots);
     const int k_tiles = k / marlin::kTileK, units = (m + mt - 1) / mt * ((n + 64 * wg - 1) / (64 * wg));
-    std::printf("plan %d %d %d %d %d %d\n", p.grid, p.splits, p.tiles_per_block, units, k_tiles,
-                marlin::plan_cuts(p, k_tiles) ? 1 : 0);
+    std::printf("plan %d %d %d %d %d %d %d %d\n", p.grid, p.splits, p.tiles_per_block, units, k_tiles,
+                marlin::plan_cuts(p, k_tiles) ? 1 : 0, p.dp_units, marlin::first_cut_unit(p));
     for (int b = 0; b < p.grid; ++b) {
-      const marlin::WorkRange r = marlin::work_range(b, p.splits, p.tiles_per_block, k_tiles, units * k_tiles);
+      const marlin::WorkRange r =
+          marlin::work_range(b, p.splits, p.tiles_per_block, k_tiles, units * k_tiles, p.dp_units);
       std::printf("%d %d\n", r.w0, r.w1);
     }
     for (int u = 0; u < units; ++u) {
       int first = 0, count = 0;
-      marlin::unit_blocks(u, k_tiles, p.splits, p.tiles_per_block, first, count);
+      marlin::unit_blocks(u, k_tiles, p.splits, p.tiles_per_block, first, count, p.dp_units);
       std::printf("%d %d\n", first, count);
     }
   }
@@ -70,7 +71,7 @@ def plans(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[tuple, tuple, 
 
 
 def test_every_work_item_is_run_once(plans) -> None:
-    for case, (_, _, _, units, k_tiles, cuts), ranges, _ in plans:
+    for case, (_, _, _, units, k_tiles, cuts, _, _), ranges, _ in plans:
         assert all(w1 > w0 for w0, w1 in ranges), (case, "a block with no work")
         tiling = sorted(ranges)
         assert tiling[0][0] == 0 and tiling[-1][1] == units * k_tiles, case
@@ -81,10 +82,33 @@ def test_every_work_item_is_run_once(plans) -> None:
 
 
 def test_unit_blocks_names_the_blocks_of_each_unit(plans) -> None:
-    for case, (_, _, _, units, k_tiles, _), ranges, owners in plans:
+    for case, (_, _, _, units, k_tiles, _, _, _), ranges, owners in plans:
         holders: list[list[int]] = [[] for _ in range(units)]
         for b, (w0, w1) in enumerate(ranges):
             for u in range(w0 // k_tiles, (w1 - 1) // k_tiles + 1):
                 holders[u].append(b)
         for u, (first, count) in enumerate(owners):
             assert holders[u] == list(range(first, first + count)), (case, u)
+
+
+def test_whole_waves_first_then_stream_k(plans) -> None:
+    """Waves-then-stream-k plans: blocks 0 .. dp_units - 1 run whole units (they have no scratch slots: the kernel
+    indexes slots by block - dp_units), only units from first_cut_unit on are cut (the segment-sum kernel starts at
+    its column block), and the stream-k blocks fit one launch of one block per SM (each SM runs them in its last
+    turn)."""
+    hybrids = 0
+    for case, (grid, splits, _, units, k_tiles, _, dp, first_cut), ranges, owners in plans:
+        slots = case[5]
+        if dp == 0:
+            continue
+        hybrids += 1
+        assert splits == 0 and dp % slots == 0 and 0 < dp < units, case
+        assert all(ranges[b] == (b * k_tiles, (b + 1) * k_tiles) for b in range(dp)), case
+        assert grid - dp <= slots, case
+        assert first_cut == dp, case
+        cut = [u for u, (_, count) in enumerate(owners) if count > 1]
+        assert cut and min(cut) >= first_cut, case
+    # 4096 x 22016 at m = 1024 on 132 SMs: 688 units of 256 x 128, five whole waves, 28 units cut over all SMs.
+    assert hybrids > 0
+    (head,) = [h for c, h, _, _ in plans if c == (1024, 22016, 4096, 256, 2, 132)]
+    assert head[6] == 660 and head[0] - 660 <= 132

@@ -9,8 +9,8 @@
 #   (then edit a copy by hand for a variant that is no commit; an ARGS file in a tree gives it its own arguments)
 # On the GPU machine (carry DIR):
 #   scripts/ab_kernel.sh run "<bench_kernel.py arguments>" DIR/<name> [DIR/<name> ...]
-# prints each tree's summary table (sums per model, and the forced paths asked for) and leaves the logs and JSON
-# in $OUT/ab.tgz.
+# prints each tree's summary table (sums per model, and the forced paths asked for), then every layer's time per
+# tree against the working tree's (scripts/ab_compare.py), and leaves the logs and JSON in $OUT/ab.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 usage() { sed -n '2,14p' "$0" >&2; exit 2; }
@@ -60,6 +60,7 @@ case $mode in
         --json "ab_$n.json" $a >"$logs/ab_$n.log" 2>&1)
       grep -A40 "^dtype shape" "$logs/ab_$n.log" || tail -n 5 "$logs/ab_$n.log"
     done
+    [[ ${#trees[@]} -ge 2 ]] && python3 scripts/ab_compare.py "$logs" --json "$logs/compare.json"
     tar czf "$OUT/ab.tgz" -C "$OUT" ab && rm -rf "$logs"
     ;;
   *) usage ;;

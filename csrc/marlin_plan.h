@@ -27,6 +27,11 @@ struct Plan {
   int dp_units = 0;     // stream-k plan: units run whole by blocks 0 .. dp_units - 1 before the stream-k runs
 };
 
+// First work item of stream-k block `block` (>= dp_units): no division, for the segment-sum kernel's inner loop.
+__host__ __device__ __forceinline__ int stream_k_start(int block, int tiles_per_block, int k_tiles, int dp_units) {
+  return dp_units * k_tiles + (block - dp_units) * tiles_per_block;
+}
+
 // Work items w0..w1-1 of block `block` (`total`: units x k_tiles).
 struct WorkRange {
   int w0, w1;
@@ -38,7 +43,7 @@ __host__ __device__ __forceinline__ WorkRange work_range(int block, int splits, 
     return {u * k_tiles + part * k_tiles / splits, u * k_tiles + (part + 1) * k_tiles / splits};
   }
   if (block < dp_units) return {block * k_tiles, (block + 1) * k_tiles};
-  const int w0 = dp_units * k_tiles + (block - dp_units) * tiles_per_block;
+  const int w0 = stream_k_start(block, tiles_per_block, k_tiles, dp_units);
   return {w0, w0 + tiles_per_block < total ? w0 + tiles_per_block : total};
 }
 
@@ -143,7 +148,7 @@ inline Plan wgmma_plan(int m, int n, int k, int mt, int wg, int slots) {
   if (m_tiles >= 2 && units >= slots && units * 100 >= waves * slots * 95) return split_plan(units, 1);
   // More units than slots otherwise: the full waves run whole units, and the rest is cut into stream-k runs over
   // all slots, so only the last wave's units have segment sums. Measured on the H100 (round 10, A/B in one run)
-  // on the layers it changes, against stream-k over all units or (87% full) whole units: 5-16% faster per
+  // on the layers it changes, against stream-k over all units or (87% full) whole units: 3-16% faster per
   // layer (fp16 7B 4096x22016 m = 256: 83.3 -> 70.4 us; 70B 8192x10240 m = 512: 132.7 -> 118.1; 7B 4096x22016
   // m = 1024, whole units in 87%-full waves: 267.4 -> 247.8).
   if (units > slots) {

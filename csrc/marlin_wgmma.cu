@@ -64,7 +64,7 @@ __global__ void sum_segments_kernel(const float* __restrict__ scratch,  // [grid
     const float* src = scratch + (row % mt) * tile_n + (col - nb * tile_n);
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int b = b0; b <= b1; ++b) {
-      const int slot = splits > 0 || dp_units * k_tiles + (b - dp_units) * tiles_per_block >= w_first ? 0 : 1;
+      const int slot = splits > 0 || stream_k_start(b, tiles_per_block, k_tiles, dp_units) >= w_first ? 0 : 1;
       const float4 v =
           __ldcg(reinterpret_cast<const float4*>(src + (static_cast<size_t>(b - dp_units) * 2 + slot) * slot_size));
       s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;

@@ -42,7 +42,7 @@ def files_from(args: list[str]) -> list[Path]:
 
 def compare(trees: list[tuple[str, dict[Key, dict]]]) -> list[dict]:
     """One record per key present in every tree: ours and cuBLAS us per tree, ours / baseline's ours."""
-    base_name, base = trees[0]
+    base = trees[0][1]
     common = [k for k in base if all(k in rows for _, rows in trees[1:])]
     out = []
     for key in sorted(common):

@@ -149,7 +149,7 @@ inline Plan wgmma_plan(int m, int n, int k, int mt, int wg, int slots) {
   // More units than slots otherwise: the full waves run whole units, and the rest is cut into stream-k runs over
   // all slots, so only the last wave's units have segment sums. Measured on the H100 (round 10, A/B in one run)
   // on the layers it changes, against stream-k over all units or (87% full) whole units: 3-16% faster per
-  // layer (fp16 7B 4096x22016 m = 256: 83.3 -> 70.4 us; 70B 8192x10240 m = 512: 132.7 -> 118.1; 7B 4096x22016
+  // layer (fp16 7B 4096x22016 m = 256: 83.3 -> 70.4 us; 70B 8192x10240 m = 1024: 258.3 -> 229.2; 7B 4096x22016
   // m = 1024, whole units in 87%-full waves: 267.4 -> 247.8).
   if (units > slots) {
     const int dp = units / slots * slots;

@@ -99,24 +99,32 @@ class MarlinLinear(nn.Module):
             self._dense[key] = fmt.dequantize(self.qweight, self.scales, self.group_size, torch.float32).to(device, dtype)
         return self._dense[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] (fp16/bf16 on CUDA, any float on CPU) -> [..., out_features] in x.dtype."""
-        lead = x.shape[:-1]
+    def padded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> the product's left operand [rows, K_pad] (act-order gather, zero padding)."""
         x2 = x.reshape(-1, x.shape[-1])
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if self.packed.k_pad != self.in_features:
             x2 = nn.functional.pad(x2, (0, self.packed.k_pad - self.in_features))
+        return x2
+
+    def finish_output(self, out: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        """The product [rows, N_pad] -> [*lead, out_features]: padding columns dropped, bias added."""
+        out = out[:, : self.out_features]
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] (fp16/bf16 on CUDA, any float on CPU) -> [..., out_features] in x.dtype."""
+        x2 = self.padded_input(x)
         if x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16):
             from gptq.kernel import marlin_gemm  # here: the kernel module builds/loads the CUDA extension
 
             out = marlin_gemm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype), self.group_size)
         else:
             out = x2 @ self.dense_weight(x2.dtype, x2.device)
-        out = out[:, : self.out_features]
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*lead, self.out_features)
+        return self.finish_output(out, x.shape[:-1])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
